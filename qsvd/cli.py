@@ -1,0 +1,65 @@
+"""The `qsvd` command line. Every user error is one line on stderr and exit code 2."""
+
+from contextlib import contextmanager
+
+import click
+import yaml
+
+from .config import FinetuneConfig
+from .errors import QSVDError
+from .finetune import finetune as run_finetune
+from .methods import METHODS
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show full tracebacks.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """qsvd: SVD-initialised adapters on a 4-bit frozen base."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; flags override it.")
+@click.option("--model", help="smollm2-135m (default), llama-7b, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, an HF directory or a .gguf file.")
+@click.option("--method", type=click.Choice(list(METHODS)), help="Adapter method (default edora).")
+@click.option("--bits", type=int, help="Frozen storage: 4 (NF4, default), 8 (int8) or 16 (compute dtype).")
+@click.option("--rank", type=int, help="Adapter rank r (default 16).")
+@click.option("--alpha", type=float, help="Adapter alpha; s = alpha / r (default: alpha = r).")
+@click.option("--targets", help="Comma-separated layer names, e.g. q_proj,v_proj (default: all linear layers of the decoder blocks).")
+@click.option("--data", help="json/jsonl file: instruction/input/output, question/answer or messages (default: built-in arithmetic problems).")
+@click.option("--max-steps", type=int, help="Optimizer steps (instead of --epochs).")
+@click.option("--epochs", type=float, help="Epochs over the data (default 1).")
+@click.option("--lr", type=float, help="Learning rate (default: the method's own).")
+@click.option("--batch-size", type=int, help="Rows per device batch (default 4).")
+@click.option("--grad-accum", type=int, help="Gradient accumulation steps (default 1).")
+@click.option("--seq-len", type=int, help="Longest row in tokens; longer rows are skipped (default 256).")
+@click.option("--output", help="Run directory (default runs/<method>).")
+@click.option("--seed", type=int, help="Random seed (default 42).")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run in --output.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without building anything.")
+@click.pass_context
+def finetune(ctx: click.Context, config_file, dry_run, **flags) -> None:
+    """Fine-tune a model with one of qsvd's adapter methods."""
+    with user_errors(ctx):
+        config = FinetuneConfig.resolve(config_file, **flags)
+        if dry_run:
+            click.echo(yaml.safe_dump(config.resolved(), sort_keys=False), nl=False)
+            return
+        run_finetune(config)
+
+
+@contextmanager
+def user_errors(ctx: click.Context):
+    """Turn a QSVDError into 'error: …' and exit 2, unless --debug asks for the traceback."""
+    try:
+        yield
+    except QSVDError as error:
+        if ctx.obj["debug"]:
+            raise
+        click.echo(f"error: {error}", err=True)
+        ctx.exit(2)
+
+
+def main() -> None:
+    cli(prog_name="qsvd")

@@ -1,0 +1,100 @@
+"""The run configuration: defaults, a YAML file, then CLI flags, in that order of precedence."""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import QSVDError
+from .methods import METHODS, AdapterSpec
+from .split import make_spec
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = "smollm2-135m"
+    method: str = "edora"
+    bits: int = 4
+    rank: int = 16
+    alpha: float | None = None  # default: the rank, so s = 1
+    targets: list[str] | None = None  # default: every linear layer of the decoder blocks
+    dropout: float = 0.0
+    core_init: str = "normal"  # loraxs/edora: "normal" (σ = 1e-5) or "zeros"
+    refine_iters: int = 0  # pissa: quantization-aware refinement iterations
+    grad_samples: int = 50  # lorasb: rows for the gradient estimate
+    data: str | None = None  # default: built-in arithmetic word problems
+    max_steps: int | None = None
+    epochs: float | None = None  # default: 1 when max_steps is not set
+    lr: float | None = None  # default: the method's own
+    warmup_ratio: float = 0.03
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 256
+    gradient_checkpointing: bool = True
+    optim: str = "paged_adamw_8bit"
+    logging_steps: int = 1
+    output: str | None = None  # default: runs/<method>
+    overwrite: bool = False
+    seed: int = 42
+    trust_remote_code: bool = False
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> dict:
+        """The YAML file's keys, checked against the known ones."""
+        path = Path(path)
+        if not path.is_file():
+            raise QSVDError(f"--config {path}: no such file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise QSVDError(f"--config {path} is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise QSVDError(f"--config {path} must be a mapping of option: value")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise QSVDError(f"--config {path} has unknown keys: {', '.join(unknown)}")
+        return values
+
+    @classmethod
+    def resolve(cls, config_file: str | Path | None = None, **overrides) -> "FinetuneConfig":
+        """Defaults ← YAML file ← overrides that are not None; then validated."""
+        values = cls.from_yaml(config_file) if config_file else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        if isinstance(values.get("targets"), str):
+            values["targets"] = [t for t in values["targets"].split(",") if t]
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        self.spec()  # checks method, bits, rank, alpha, dropout, core_init, refine_iters
+        positive = {"lr": self.lr, "batch-size": self.batch_size, "grad-accum": self.grad_accum,
+                    "seq-len": self.seq_len, "max-steps": self.max_steps, "epochs": self.epochs,
+                    "grad-samples": self.grad_samples}
+        for flag, value in positive.items():
+            if value is not None and value <= 0:
+                raise QSVDError(f"--{flag} must be positive, got {value}")
+        if self.max_steps is not None and self.epochs is not None:
+            raise QSVDError("give --max-steps or --epochs, not both")
+
+    def spec(self) -> AdapterSpec:
+        return make_spec(self.method, self.rank, self.alpha, self.bits, dropout=self.dropout,
+                         core_init=self.core_init, refine_iters=self.refine_iters)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else METHODS[self.method].default_lr
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or f"runs/{self.method}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def resolved(self) -> dict:
+        """The config with every derived default filled in, as a run records it."""
+        return self.to_dict() | {"alpha": self.spec().alpha, "lr": self.learning_rate,
+                                 "output": str(self.output_dir)}

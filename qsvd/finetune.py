@@ -1,0 +1,85 @@
+"""The fine-tuning recipe, top to bottom: load → split + quantize → train → export."""
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from transformers import set_seed
+
+from .config import FinetuneConfig
+from .data import build_dataset, first_batches
+from .errors import QSVDError
+from .export import publish, write_run
+from .load import fingerprint, load_model
+from .methods import METHODS
+from .split import prepare
+from .train import first_step_lr, peak_memory_mb, train
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    trainable_params: int
+    final_loss: float
+    seconds: float
+    peak_memory_mb: float
+
+    def line(self) -> str:
+        return (f"trainable params: {self.trainable_params:,} | final loss: {self.final_loss:.4f} | "
+                f"wall time: {self.seconds:.1f} s | peak memory: {self.peak_memory_mb:,.0f} MB | "
+                f"saved to {self.output}")
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse to mix runs: an existing non-empty output dir needs --overwrite."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise QSVDError(f"--output {output} already holds files; choose another --output or pass --overwrite")
+
+
+def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
+    """Fine-tune as `qsvd finetune` does; `options` are the CLI's, by their Python names."""
+    start = time.perf_counter()
+    config = config or FinetuneConfig.resolve(**options)
+    output = config.output_dir
+    check_output(output, config.overwrite)
+    set_seed(config.seed)
+
+    # 1. load
+    model, tokenizer, model_path = load_model(config.model, config.trust_remote_code)
+    dataset = build_dataset(config.data, tokenizer, config.seq_len, config.seed)
+    console.print(f"{len(dataset)} training rows; method {config.method}, {config.bits}-bit frozen base, "
+                  f"rank {config.rank}, lr {config.learning_rate:g}")
+
+    # 2-3. split each target layer and quantize its frozen part
+    needs_gradients = METHODS[config.method].needs_gradient_init
+    prepare(model, config.method, bits=config.bits, rank=config.rank, alpha=config.alpha,
+            targets=config.targets, dropout=config.dropout, core_init=config.core_init,
+            refine_iters=config.refine_iters,
+            grad_batches=first_batches(dataset, tokenizer, config.grad_samples, config.batch_size,
+                                       config.seed) if needs_gradients else None,
+            lr=first_step_lr(config, len(dataset)) if needs_gradients else None)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    # 4-5. train in a staging directory, then publish the finished run in one rename
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        outcome = train(model, tokenizer, dataset, config, stage / "trainer")
+        record = {"config": config.resolved(), "model_path": str(model_path),
+                  "model_fingerprint": fingerprint(model_path), "trainable_params": trainable,
+                  "final_loss": outcome.final_loss, "train_seconds": outcome.seconds,
+                  "peak_memory_mb": outcome.peak_memory_mb}
+        shutil.rmtree(stage / "trainer", ignore_errors=True)
+        write_run(stage, model, record, outcome.log_history)
+        publish(stage, output)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    summary = RunSummary(output, trainable, outcome.final_loss, time.perf_counter() - start,
+                         peak_memory_mb(model.device))
+    console.print(summary.line())
+    return summary

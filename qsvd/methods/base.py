@@ -1,0 +1,117 @@
+"""What every method shares: a frozen (quantized) base linear plus adapter tensors.
+
+A method is an `AdapterLayer` subclass that defines
+- `split(weight, spec)`: from the fp32 weight W, the adapter's initial tensors;
+- `frozen_weight(weight, tensors, spec)`: what goes into frozen storage (W unless the
+  method moves part of W into the adapter);
+- `forward(x)`.
+Tensors named in `trainable` become parameters; the rest are frozen buffers.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..quantize import dequantize
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Everything a layer's split needs besides its weight."""
+
+    method: str
+    rank: int
+    alpha: float
+    bits: int = 4
+    dropout: float = 0.0
+    core_init: str = "normal"  # loraxs/edora: R ~ N(0, 1e-5²), or "zeros"
+    refine_iters: int = 0  # pissa: quantization-aware refinement iterations
+
+    @property
+    def scale(self) -> float:
+        """s = alpha / r."""
+        return self.alpha / self.rank
+
+
+class AdapterLayer(nn.Module):
+    name: ClassVar[str]
+    trainable: ClassVar[tuple[str, ...]]
+    default_lr: ClassVar[float]
+    summary: ClassVar[str]
+    uses_alpha: ClassVar[bool] = True
+    needs_gradient_init: ClassVar[bool] = False
+
+    def __init__(self, base: nn.Module, tensors: dict[str, torch.Tensor], spec: AdapterSpec):
+        super().__init__()
+        self.base = base
+        self.spec = spec
+        self.scale = spec.scale
+        self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
+        device = base.weight.device
+        for key, tensor in tensors.items():
+            tensor = tensor.detach().float().to(device)
+            if key in self.trainable:
+                self.register_parameter(key, nn.Parameter(tensor))
+            else:
+                self.register_buffer(key, tensor)
+
+    @classmethod
+    def split(cls, weight: torch.Tensor, spec: AdapterSpec,
+              roundtrip: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adapter's initial tensors from the fp32 weight W (out × in).
+
+        `roundtrip(M)` is deq(Q(M)) at the run's storage, for quantization-aware splits.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def frozen_weight(cls, weight: torch.Tensor, tensors: dict[str, torch.Tensor],
+                      spec: AdapterSpec) -> torch.Tensor:
+        """The matrix that is stored frozen: W itself unless the method says otherwise."""
+        return weight
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    def base_weight(self) -> torch.Tensor:
+        """deq(Q(W_base)) in float32 (costly: only for init and checks, never per step)."""
+        return dequantize(self.base)
+
+    def adapter_delta(self) -> torch.Tensor:
+        """The dense out × in matrix the adapter adds to the base weight (before any magnitude)."""
+        raise NotImplementedError
+
+    def _low_rank(self, x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+        """s · F_1 ⋯ F_k x, applied right to left, in the adapter's float32."""
+        h = self.dropout(x.to(factors[-1].dtype))
+        for factor in reversed(factors):
+            h = h @ factor.T
+        return self.scale * h
+
+    def extra_repr(self) -> str:
+        return f"method={self.name}, rank={self.spec.rank}, scale={self.scale:g}, bits={self.spec.bits}"
+
+
+def row_norm(matrix: torch.Tensor) -> torch.Tensor:
+    """‖M‖_row: the L2 norm of each row, one per output feature."""
+    return torch.linalg.vector_norm(matrix, dim=1)
+
+
+def apply_magnitude(layer: AdapterLayer, x: torch.Tensor, delta_out: torch.Tensor,
+                    norm: torch.Tensor) -> torch.Tensor:
+    """DoRA's output (m / n) ⊙ (deq(Q(W)) x + delta_out) + b, with n detached."""
+    base_out = layer.base(x)
+    bias = layer.base.bias
+    if bias is not None:
+        base_out = base_out - bias
+    scaled = (layer.magnitude / norm) * (base_out.to(delta_out.dtype) + delta_out)
+    if bias is not None:
+        scaled = scaled + bias
+    return scaled.to(base_out.dtype)

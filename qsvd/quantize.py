@@ -1,0 +1,55 @@
+"""Stage 3: frozen storage Q(·) of a layer's base weight.
+
+- bits 4: bitsandbytes NF4 with double quantization (`Linear4bit`);
+- bits 8: bitsandbytes int8 (`Linear8bitLt`, no fp16 outlier columns, so deq(Q(W)) is
+  exactly what the forward pass multiplies by);
+- bits 16: a plain frozen `nn.Linear` in the compute dtype.
+"""
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+from torch import nn
+
+SUPPORTED_BITS = (4, 8, 16)
+
+
+def freeze(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, dtype: torch.dtype,
+           device: torch.device | str) -> nn.Module:
+    """A frozen linear layer holding Q(weight), placed on `device`."""
+    out_features, in_features = weight.shape
+    has_bias = bias is not None
+    if bits == 4:
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias, compute_dtype=dtype,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(weight.to(dtype).cpu(), requires_grad=False,
+                                         quant_type="nf4", compress_statistics=True)
+    elif bits == 8:
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias,
+                                    has_fp16_weights=False, threshold=0.0, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight.to(dtype).cpu(), requires_grad=False,
+                                         has_fp16_weights=False)
+    elif bits == 16:
+        layer = nn.Linear(in_features, out_features, bias=has_bias, device="meta")
+        layer.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    else:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if has_bias:
+        layer.bias = nn.Parameter(bias.detach().to(dtype).cpu(), requires_grad=False)
+    return layer.to(device)  # moving a bnb layer to its device is what quantizes it
+
+
+def dequantize(layer: nn.Module) -> torch.Tensor:
+    """deq(Q(W)) in float32: the weight the frozen layer actually multiplies by."""
+    weight = layer.weight
+    if isinstance(weight, bnb.nn.Params4bit):
+        return bnbF.dequantize_4bit(weight.data, weight.quant_state).float()
+    if isinstance(weight, bnb.nn.Int8Params):
+        scales = weight.SCB if weight.SCB is not None else layer.state.SCB
+        return bnbF.int8_vectorwise_dequant(weight.data, scales).float()
+    return weight.detach().float()
+
+
+def roundtrip(weight: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """deq(Q(weight)) in float32, on the weight's device."""
+    return dequantize(freeze(weight, None, bits, dtype, weight.device))

@@ -19,7 +19,7 @@ PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 FORMATS = {"alpaca": ("instruction", "output"), "qa": ("question", "answer"), "chat": ("messages",)}
 
 
-def synthetic_arithmetic(rows: int = 256, seed: int = 0) -> datasets.Dataset:
+def synthetic_arithmetic(rows: int = 128, seed: int = 0) -> datasets.Dataset:
     """Two-step word problems with a checkable final answer after '####', as in GSM8K."""
     rng = random.Random(seed)
     people = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Iris", "Jun"]

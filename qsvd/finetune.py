@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from torch import nn
 from transformers import set_seed
 
 from .config import FinetuneConfig
@@ -23,6 +24,7 @@ console = Console(stderr=True)
 
 @dataclass
 class RunSummary:
+    model: nn.Module  # the trained model, ready for inference
     output: Path
     trainable_params: int
     final_loss: float
@@ -79,7 +81,7 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
         publish(stage, output)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    summary = RunSummary(output, trainable, outcome.final_loss, time.perf_counter() - start,
+    summary = RunSummary(model, output, trainable, outcome.final_loss, time.perf_counter() - start,
                          peak_memory_mb(model.device))
     console.print(summary.line())
     return summary

@@ -34,8 +34,8 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
         lr_scheduler_type="linear",
         warmup_steps=config.warmup_ratio,  # below 1: a fraction of the total steps
         optim=config.optim,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=config.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         logging_steps=config.logging_steps,
@@ -45,6 +45,7 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
         data_seed=config.seed,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 

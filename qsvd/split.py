@@ -128,7 +128,8 @@ def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha:
 
     def split_layer(name: str, linear: nn.Linear) -> AdapterLayer:
         weight = linear.weight.detach().to(device, torch.float32)
-        tensors = layer_cls.split(weight, spec, roundtrip)
+        # contiguous, as they will be when reloaded, so a restore recomputes the same frozen base
+        tensors = {key: t.contiguous() for key, t in layer_cls.split(weight, spec, roundtrip).items()}
         frozen = quantize.freeze(layer_cls.frozen_weight(weight, tensors, spec), linear.bias,
                                  bits, dtype, device)
         return layer_cls(frozen, tensors, spec)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,10 @@ def test_console_script_exits_2_on_bad_method():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "'qlora' is not one of" in result.stderr
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")))
+def test_shipped_configs_resolve(config):
+    result = run("--config", config, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert f"method: {config.stem}" in result.output or config.stem == "smollm2-135m"

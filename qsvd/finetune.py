@@ -83,5 +83,5 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
         shutil.rmtree(stage, ignore_errors=True)
     summary = RunSummary(model, output, trainable, outcome.final_loss, time.perf_counter() - start,
                          peak_memory_mb(model.device))
-    console.print(summary.line())
+    console.print(summary.line(), soft_wrap=True)
     return summary

@@ -22,11 +22,12 @@ def freeze(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, dtype: to
     if bits == 4:
         layer = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias, compute_dtype=dtype,
                                   compress_statistics=True, quant_type="nf4", device="meta")
-        layer.weight = bnb.nn.Params4bit(weight.to(dtype).cpu(), requires_grad=False,
+        layer.weight = bnb.nn.Params4bit(weight.to(dtype), requires_grad=False,
                                          quant_type="nf4", compress_statistics=True)
     elif bits == 8:
         layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias,
                                     has_fp16_weights=False, threshold=0.0, device="meta")
+        # Int8Params quantizes only on a move from the CPU.
         layer.weight = bnb.nn.Int8Params(weight.to(dtype).cpu(), requires_grad=False,
                                          has_fp16_weights=False)
     elif bits == 16:
@@ -35,7 +36,7 @@ def freeze(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, dtype: to
     else:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if has_bias:
-        layer.bias = nn.Parameter(bias.detach().to(dtype).cpu(), requires_grad=False)
+        layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
     return layer.to(device)  # moving a bnb layer to its device is what quantizes it
 
 

@@ -34,15 +34,22 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
                                    bos_token="<s>", eos_token="</s>")
 
 
-def tiny_config(vocab_size: int = 128) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+def tiny_config(bias: bool = False) -> LlamaConfig:
+    return LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+                       pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+                       attention_bias=bias, mlp_bias=bias)
 
 
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+def tiny_model(seed: int = 0, bias: bool = False) -> LlamaForCausalLM:
+    """A 2-block random Llama; with `bias`, every projection has a (random) bias, as in Qwen."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config()).eval()
+    model = LlamaForCausalLM(tiny_config(bias)).eval()
+    if bias:
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                torch.nn.init.normal_(param, std=0.1)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -223,3 +223,10 @@ def test_targets_matching_nothing_lists_what_exists():
 def test_targets_select_layers():
     model = qsvd.prepare(tiny_model(), "lora", targets=["q_proj", "v_proj"], rank=2, device="cpu", progress=False)
     assert [name.rsplit(".", 1)[1] for name in model.qsvd_targets] == ["q_proj", "v_proj"] * 2
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "pissa", "milora", "loraxs", "edora"])
+def test_layers_with_bias_start_at_the_base_output(method):
+    model = qsvd.prepare(tiny_model(bias=True), method, bits=16, rank=RANK, core_init="zeros",
+                         device="cpu", progress=False)
+    assert torch.allclose(logits(model), logits(tiny_model(bias=True)), atol=1e-5)

@@ -4,7 +4,7 @@ For every target: W (upcast to fp32) → the method's split → Q(frozen part) �
 the original 16-bit layer is dropped before the next one is touched.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
 import torch
@@ -109,7 +109,7 @@ def make_spec(method: str, rank: int, alpha: float | None = None, bits: int = 4,
 
 def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha: float | None = None,
             targets: Iterable[str] | None = None, dropout: float = 0.0, core_init: str = "normal",
-            refine_iters: int = 0, grad_batches: Iterable[dict] | None = None, lr: float | None = None,
+            refine_iters: int = 0, grad_batches: Sequence[dict] | None = None, lr: float | None = None,
             device: torch.device | str | None = None, progress: bool = True) -> nn.Module:
     """Turn a loaded HF causal LM into a trainable qsvd model, in place.
 

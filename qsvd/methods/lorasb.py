@@ -7,9 +7,10 @@
 The base W is not modified, so the model starts one approximate full step away from it.
 """
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import torch
+from rich.progress import track
 from torch import nn
 
 from .. import svd
@@ -42,7 +43,7 @@ class LoRASBLayer(LoRAXSLayer):
 
 
 def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
-                       batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+                       batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """G = Σ_batches ∂L/∂W for each layer, as Σ_tokens g xᵀ from forward and tensor hooks."""
     grads = {name: torch.zeros(layer.out_features, layer.in_features, device=layer.core.device)
              for name, layer in layers.items()}
@@ -64,7 +65,7 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
     model.eval()  # no dropout in the estimate
     device = next(iter(layers.values())).core.device
     try:
-        for batch in batches:
+        for batch in track(batches, description="lorasb gradient estimate", total=len(batches)):
             model(**{key: value.to(device) for key, value in batch.items()}).loss.backward()
     finally:
         for handle in handles + [embedding_hook]:
@@ -76,7 +77,7 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
 
 
 def init_from_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
-                        batches: Iterable[dict[str, torch.Tensor]], lr: float) -> None:
+                        batches: Sequence[dict[str, torch.Tensor]], lr: float) -> None:
     """Set every layer's B, R, A from ΔW = −lr·sign(G)."""
     for name, grad in estimate_gradients(model, layers, batches).items():
         layers[name].init_from_update(-lr * torch.sign(grad))

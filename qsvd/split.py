@@ -83,6 +83,14 @@ def _finish(model: nn.Module, layers: dict[str, AdapterLayer], spec: AdapterSpec
     return model
 
 
+def _build_layer(layer_cls: type[AdapterLayer], weight: torch.Tensor, bias: torch.Tensor | None,
+                 tensors: dict[str, torch.Tensor], spec: AdapterSpec, device: torch.device,
+                 dtype: torch.dtype) -> AdapterLayer:
+    """The adapter layer over Q(frozen part of W): shared by a fresh split and a restore."""
+    frozen = quantize.freeze(layer_cls.frozen_weight(weight, tensors, spec), bias, spec.bits, dtype, device)
+    return layer_cls(frozen, tensors, spec)
+
+
 def make_spec(method: str, rank: int, alpha: float | None = None, bits: int = 4, **options) -> AdapterSpec:
     """The layer spec, with alpha defaulting to the rank (s = 1); lorasb always has s = 1."""
     if method not in METHODS:
@@ -130,9 +138,7 @@ def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha:
         weight = linear.weight.detach().to(device, torch.float32)
         # contiguous, as they will be when reloaded, so a restore recomputes the same frozen base
         tensors = {key: t.contiguous() for key, t in layer_cls.split(weight, spec, roundtrip).items()}
-        frozen = quantize.freeze(layer_cls.frozen_weight(weight, tensors, spec), linear.bias,
-                                 bits, dtype, device)
-        return layer_cls(frozen, tensors, spec)
+        return _build_layer(layer_cls, weight, linear.bias, tensors, spec, device, dtype)
 
     layers = _replace(model, linears, split_layer, progress)
     _finish(model, layers, spec, device, dtype)
@@ -159,9 +165,7 @@ def restore(model: nn.Module, spec: AdapterSpec, targets: list[str], tensors: di
         weight = linear.weight.detach().to(device, torch.float32)
         own = {key.removeprefix(name + "."): t.to(device) for key, t in tensors.items()
                if key.startswith(name + ".")}
-        frozen = quantize.freeze(layer_cls.frozen_weight(weight, own, spec), linear.bias, bits=spec.bits,
-                                 dtype=dtype, device=device)
-        layer = layer_cls(frozen, own, spec)
+        layer = _build_layer(layer_cls, weight, linear.bias, own, spec, device, dtype)
         layer.load_state_dict(own, strict=False)  # trained magnitude, where the method has one
         return layer
 

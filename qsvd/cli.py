@@ -8,6 +8,7 @@ import yaml
 from .config import FinetuneConfig
 from .errors import QSVDError
 from .finetune import finetune as run_finetune
+from .finetune import init as run_init
 from .methods import METHODS
 
 
@@ -19,14 +20,27 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def split_options(command):
+    """The options that define the split: shared by `finetune` and `init`."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; flags override it."),
+        click.option("--model", help="smollm2-135m (default), llama-7b, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, an HF directory or a .gguf file."),
+        click.option("--method", type=click.Choice(list(METHODS)), help="Adapter method (default edora)."),
+        click.option("--bits", type=int, help="Frozen storage: 4 (NF4, default), 8 (int8) or 16 (compute dtype)."),
+        click.option("--rank", type=int, help="Adapter rank r (default 16)."),
+        click.option("--alpha", type=float, help="Adapter alpha; s = alpha / r (default: alpha = r)."),
+        click.option("--targets", help="Comma-separated layer names, e.g. q_proj,v_proj (default: all linear layers of the decoder blocks)."),
+        click.option("--refine-iters", type=int, help="pissa: quantization-aware refinement iterations (default 0)."),
+        click.option("--svd-niter", type=int, help="Top-r SVD (pissa, loraxs, edora, lorasb): randomized, with this many power iterations (default: exact)."),
+        click.option("--seed", type=int, help="Random seed (default 42)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; flags override it.")
-@click.option("--model", help="smollm2-135m (default), llama-7b, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, an HF directory or a .gguf file.")
-@click.option("--method", type=click.Choice(list(METHODS)), help="Adapter method (default edora).")
-@click.option("--bits", type=int, help="Frozen storage: 4 (NF4, default), 8 (int8) or 16 (compute dtype).")
-@click.option("--rank", type=int, help="Adapter rank r (default 16).")
-@click.option("--alpha", type=float, help="Adapter alpha; s = alpha / r (default: alpha = r).")
-@click.option("--targets", help="Comma-separated layer names, e.g. q_proj,v_proj (default: all linear layers of the decoder blocks).")
+@split_options
 @click.option("--data", help="json/jsonl file: instruction/input/output, question/answer or messages (default: built-in arithmetic problems).")
 @click.option("--max-steps", type=int, help="Optimizer steps (instead of --epochs).")
 @click.option("--epochs", type=float, help="Epochs over the data (default 1).")
@@ -35,7 +49,6 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--grad-accum", type=int, help="Gradient accumulation steps (default 1).")
 @click.option("--seq-len", type=int, help="Longest row in tokens; longer rows are skipped (default 256).")
 @click.option("--output", help="Run directory (default runs/<method>).")
-@click.option("--seed", type=int, help="Random seed (default 42).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run in --output.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without building anything.")
 @click.pass_context
@@ -47,6 +60,15 @@ def finetune(ctx: click.Context, config_file, dry_run, **flags) -> None:
             click.echo(yaml.safe_dump(config.resolved(), sort_keys=False), nl=False)
             return
         run_finetune(config)
+
+
+@cli.command()
+@split_options
+@click.pass_context
+def init(ctx: click.Context, config_file, **flags) -> None:
+    """Only split and quantize the model, into the prepared-model cache that `finetune` reuses."""
+    with user_errors(ctx):
+        run_init(FinetuneConfig.resolve(config_file, **flags))
 
 
 @contextmanager

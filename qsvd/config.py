@@ -22,6 +22,7 @@ class FinetuneConfig:
     dropout: float = 0.0
     core_init: str = "normal"  # loraxs/edora: "normal" (σ = 1e-5) or "zeros"
     refine_iters: int = 0  # pissa: quantization-aware refinement iterations
+    svd_niter: int | None = None  # top-r SVD: randomized with this many power iterations; default exact
     grad_samples: int = 50  # lorasb: rows for the gradient estimate
     data: str | None = None  # default: built-in arithmetic word problems
     max_steps: int | None = None
@@ -69,7 +70,7 @@ class FinetuneConfig:
         return config
 
     def validate(self) -> None:
-        self.spec()  # checks method, bits, rank, alpha, dropout, core_init, refine_iters
+        self.spec()  # checks method, bits, rank, alpha, dropout, core_init, refine_iters, svd_niter
         positive = {"lr": self.lr, "batch-size": self.batch_size, "grad-accum": self.grad_accum,
                     "seq-len": self.seq_len, "max-steps": self.max_steps, "epochs": self.epochs,
                     "grad-samples": self.grad_samples}
@@ -81,7 +82,7 @@ class FinetuneConfig:
 
     def spec(self) -> AdapterSpec:
         return make_spec(self.method, self.rank, self.alpha, self.bits, dropout=self.dropout,
-                         core_init=self.core_init, refine_iters=self.refine_iters)
+                         core_init=self.core_init, refine_iters=self.refine_iters, svd_niter=self.svd_niter)
 
     @property
     def learning_rate(self) -> float:

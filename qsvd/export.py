@@ -18,7 +18,7 @@ from torch import nn
 
 from . import __version__
 from .errors import QSVDError
-from .load import fingerprint, load_model
+from .load import empty_model, load_tokenizer, open_weights, resolve_model
 from .methods import AdapterSpec
 from .split import adapter_state, restore
 
@@ -53,10 +53,12 @@ def load_run(run_dir: str | Path, device=None):
     if not config_path.is_file() or not adapter_path.is_file():
         raise QSVDError(f"{run_dir} is not a complete qsvd run (needs {CONFIG_FILE} and {ADAPTER_FILE})")
     record = json.loads(config_path.read_text())
-    model, tokenizer, path = load_model(record["config"]["model"], record["config"]["trust_remote_code"])
-    if fingerprint(path) != record["model_fingerprint"]:
+    trust_remote_code = record["config"]["trust_remote_code"]
+    files = resolve_model(record["config"]["model"])
+    if files.fingerprint() != record["model_fingerprint"]:
         raise QSVDError(f"the model {record['config']['model']} is not the one {run_dir} was trained on "
-                        f"(fingerprint {fingerprint(path)} ≠ {record['model_fingerprint']})")
+                        f"(fingerprint {files.fingerprint()} ≠ {record['model_fingerprint']})")
+    model = empty_model(files, trust_remote_code)
     model = restore(model, AdapterSpec(**record["spec"]), record["targets"], load_file(adapter_path),
-                    device=device, progress=False)
-    return model, tokenizer
+                    device=device, weights=open_weights(files, model), progress=False)
+    return model, load_tokenizer(files, trust_remote_code)

@@ -14,9 +14,11 @@ from .config import FinetuneConfig
 from .data import build_dataset, first_batches
 from .errors import QSVDError
 from .export import publish, write_run
-from .load import fingerprint, load_model
+from .load import load_tokenizer, resolve_model
 from .methods import METHODS
-from .split import prepare
+from .methods.lorasb import init_from_gradients
+from .prepared import build, lookup, obtain
+from .split import adapter_layers, default_device
 from .train import first_step_lr, peak_memory_mb, train
 
 console = Console(stderr=True)
@@ -43,6 +45,20 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise QSVDError(f"--output {output} already holds files; choose another --output or pass --overwrite")
 
 
+def init(config: FinetuneConfig | None = None, **options) -> Path:
+    """Split and quantize only, as `qsvd init` does; returns the prepared model's directory."""
+    config = config or FinetuneConfig.resolve(**options)
+    set_seed(config.seed)
+    files = resolve_model(config.model)
+    device = default_device()
+    found = lookup(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code)
+    if found.problem is None:
+        console.print(f"already prepared: {found.path}")
+    else:
+        build(found, files, config.spec(), device)
+    return found.path
+
+
 def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     """Fine-tune as `qsvd finetune` does; `options` are the CLI's, by their Python names."""
     start = time.perf_counter()
@@ -51,20 +67,20 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     check_output(output, config.overwrite)
     set_seed(config.seed)
 
-    # 1. load
-    model, tokenizer, model_path = load_model(config.model, config.trust_remote_code)
+    # 1. load: the model's files and tokenizer, and the data (the weights are read in step 2)
+    files = resolve_model(config.model)
+    tokenizer = load_tokenizer(files, config.trust_remote_code)
     dataset = build_dataset(config.data, tokenizer, config.seq_len, config.seed)
     console.print(f"{len(dataset)} training rows; method {config.method}, {config.bits}-bit frozen base, "
                   f"rank {config.rank}, lr {config.learning_rate:g}")
 
-    # 2-3. split each target layer and quantize its frozen part
-    needs_gradients = METHODS[config.method].needs_gradient_init
-    prepare(model, config.method, bits=config.bits, rank=config.rank, alpha=config.alpha,
-            targets=config.targets, dropout=config.dropout, core_init=config.core_init,
-            refine_iters=config.refine_iters,
-            grad_batches=first_batches(dataset, tokenizer, config.grad_samples, config.batch_size,
-                                       config.seed) if needs_gradients else None,
-            lr=first_step_lr(config, len(dataset)) if needs_gradients else None)
+    # 2-3. split each target layer as it is read and quantize its frozen part, or reuse that work
+    model, prepared = obtain(files, config.spec(), config.targets, config.seed,
+                             trust_remote_code=config.trust_remote_code)
+    if METHODS[config.method].needs_gradient_init:
+        init_from_gradients(model, adapter_layers(model),
+                            first_batches(dataset, tokenizer, config.grad_samples, config.batch_size, config.seed),
+                            first_step_lr(config, len(dataset)))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # 4-5. train in a staging directory, then publish the finished run in one rename
@@ -72,8 +88,9 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         outcome = train(model, tokenizer, dataset, config, stage / "trainer")
-        record = {"config": config.resolved(), "model_path": str(model_path),
-                  "model_fingerprint": fingerprint(model_path), "trainable_params": trainable,
+        record = {"config": config.resolved(), "model_path": str(files.config_dir),
+                  "model_fingerprint": files.fingerprint(), "prepared_model": str(prepared),
+                  "trainable_params": trainable,
                   "final_loss": outcome.final_loss, "train_seconds": outcome.seconds,
                   "peak_memory_mb": outcome.peak_memory_mb}
         shutil.rmtree(stage / "trainer", ignore_errors=True)

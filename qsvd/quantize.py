@@ -40,6 +40,32 @@ def freeze(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, dtype: to
     return layer.to(device)  # moving a bnb layer to its device is what quantizes it
 
 
+def load_frozen(state: dict[str, torch.Tensor], bits: int, dtype: torch.dtype,
+                device: torch.device | str) -> nn.Module:
+    """The frozen layer `freeze` made, rebuilt from its `state_dict()` without quantizing again."""
+    bias = state.get("bias")
+    if bits == 4:
+        stats = {key.removeprefix("weight."): t for key, t in state.items() if key.startswith("weight.")}
+        weight = bnb.nn.Params4bit.from_prequantized(state["weight"], stats, requires_grad=False, device=device)
+        out_features, in_features = weight.quant_state.shape
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=dtype,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+    elif bits == 8:
+        weight = bnb.nn.Int8Params(state["weight"], requires_grad=False, has_fp16_weights=False,
+                                   SCB=state["SCB"]).to(device)
+        layer = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=bias is not None,
+                                    has_fp16_weights=False, threshold=0.0, device="meta")
+    elif bits == 16:
+        weight = nn.Parameter(state["weight"].to(device, dtype), requires_grad=False)
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    else:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.to(device, dtype), requires_grad=False)
+    return layer
+
+
 def dequantize(layer: nn.Module) -> torch.Tensor:
     """deq(Q(W)) in float32: the weight the frozen layer actually multiplies by."""
     weight = layer.weight

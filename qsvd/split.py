@@ -1,20 +1,27 @@
 """Stage 2: replace each target linear layer by its method's split, one layer at a time.
 
-For every target: W (upcast to fp32) → the method's split → Q(frozen part) → adapter layer;
-the original 16-bit layer is dropped before the next one is touched.
+For every target: W (read from the checkpoint, or taken from a loaded model, in fp32) → the
+method's split → Q(frozen part), on the target device → adapter layer; W is dropped before
+the next layer is touched. Streaming from the checkpoint, the peak is the final quantized
+model plus a few fp32 copies of the largest layer.
 """
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
+from rich.console import Console
 from rich.progress import track
 from torch import nn
 
 from . import quantize
 from .errors import QSVDError
+from .load import load_tensors
 from .methods import METHODS, AdapterLayer, AdapterSpec
 from .methods.lorasb import init_from_gradients
+
+console = Console(stderr=True)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -56,21 +63,18 @@ def _check_rank(linears: dict[str, nn.Linear], rank: int) -> None:
                             f"({linear.out_features} × {linear.in_features}); use a smaller --rank")
 
 
-def _replace(model: nn.Module, linears: dict[str, nn.Linear],
-             make_layer: Callable[[str, nn.Linear], AdapterLayer], progress: bool) -> dict[str, AdapterLayer]:
-    """Swap each linear for `make_layer(name, linear)`, freeing the original as we go."""
+def replace_layers(model: nn.Module, spec: AdapterSpec, linears: dict[str, nn.Linear],
+                   make_layer: Callable[[str, nn.Linear], AdapterLayer], device: torch.device,
+                   progress: bool, description: str = "split + quantize") -> nn.Module:
+    """Swap each linear for `make_layer(name, linear)`, freeing the original as we go; then freeze
+    everything but the adapters' trainable tensors and cast the rest to the compute dtype."""
     layers = {}
-    for name in track(list(linears), description="split + quantize", disable=not progress):
+    for name in track(list(linears), description=description, disable=not progress):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layers[name] = make_layer(name, linears.pop(name))
         setattr(parent, child, layers[name])
-    return layers
-
-
-def _finish(model: nn.Module, layers: dict[str, AdapterLayer], spec: AdapterSpec,
-            device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Freeze everything but the adapters' trainable tensors; cast the rest to the compute dtype."""
+    dtype = compute_dtype(device)
     adapter_params = {id(p) for layer in layers.values() for p in layer.parameters()}
     for param in model.parameters():
         if id(param) not in adapter_params:
@@ -84,10 +88,10 @@ def _finish(model: nn.Module, layers: dict[str, AdapterLayer], spec: AdapterSpec
 
 
 def _build_layer(layer_cls: type[AdapterLayer], weight: torch.Tensor, bias: torch.Tensor | None,
-                 tensors: dict[str, torch.Tensor], spec: AdapterSpec, device: torch.device,
-                 dtype: torch.dtype) -> AdapterLayer:
+                 tensors: dict[str, torch.Tensor], spec: AdapterSpec, device: torch.device) -> AdapterLayer:
     """The adapter layer over Q(frozen part of W): shared by a fresh split and a restore."""
-    frozen = quantize.freeze(layer_cls.frozen_weight(weight, tensors, spec), bias, spec.bits, dtype, device)
+    frozen = quantize.freeze(layer_cls.frozen_weight(weight, tensors, spec), bias, spec.bits,
+                             compute_dtype(device), device)
     return layer_cls(frozen, tensors, spec)
 
 
@@ -101,7 +105,8 @@ def make_spec(method: str, rank: int, alpha: float | None = None, bits: int = 4,
         raise QSVDError(f"--rank must be a positive integer, got {rank}")
     if alpha is not None and alpha <= 0:
         raise QSVDError(f"--alpha must be positive, got {alpha}")
-    if not METHODS[method].uses_alpha:
+    layer_cls = METHODS[method]
+    if not layer_cls.uses_alpha:
         if alpha is not None and alpha != rank:
             raise QSVDError(f"{method} fixes the scale s = 1 and takes no --alpha; drop the flag")
         alpha = None
@@ -112,65 +117,137 @@ def make_spec(method: str, rank: int, alpha: float | None = None, bits: int = 4,
     refine_iters = options.get("refine_iters", 0)
     if refine_iters < 0 or (refine_iters and method != "pissa"):
         raise QSVDError("--refine-iters takes a count ≥ 0 and applies to pissa only")
+    svd_niter = options.get("svd_niter")
+    if svd_niter is not None and (svd_niter < 0 or not layer_cls.uses_top_svd):
+        raise QSVDError(f"--svd-niter takes a count ≥ 0 and applies to the methods with a top-r SVD "
+                        f"(pissa, loraxs, edora, lorasb), not {method}")
     return AdapterSpec(method=method, rank=rank, alpha=float(alpha or rank), bits=bits, **options)
+
+
+@dataclass
+class QuantizationReport:
+    """For methods that move part of W into the adapter (pissa, milora) at 4 or 8 bits: the
+    error ‖W − deq(base) − s·B A‖ of the split against plain QLoRA's ‖W − deq(Q(W))‖,
+    as root sums of squares over all target layers."""
+
+    error_sq: float = 0.0
+    qlora_error_sq: float = 0.0
+
+    def add(self, weight: torch.Tensor, layer: AdapterLayer, roundtrip) -> None:
+        self.error_sq += (weight - layer.base_weight() - layer.adapter_delta()).square().sum().item()
+        self.qlora_error_sq += (weight - roundtrip(weight)).square().sum().item()
+
+    @property
+    def ratio(self) -> float:
+        return (self.error_sq / self.qlora_error_sq) ** 0.5
+
+    def line(self) -> str:
+        return (f"quantization error ‖W − deq(base) − s·B A‖ = {self.error_sq ** 0.5:.4g}, "
+                f"{self.ratio:.3f} × plain QLoRA's ‖W − deq(Q(W))‖ = {self.qlora_error_sq ** 0.5:.4g}")
+
+
+def split_model(model: nn.Module, spec: AdapterSpec, targets: Iterable[str] | None = None,
+                device: torch.device | str | None = None, weights=None,
+                progress: bool = True) -> tuple[nn.Module, QuantizationReport | None]:
+    """Split every target layer of `model` by `spec`, in place, one layer at a time.
+
+    With `weights` (from `load.open_weights`) `model` is an empty model from `load.empty_model`,
+    and every tensor is read from the checkpoint when it is needed: the streaming split.
+    Returns the model and, where it applies, the quantization report.
+    """
+    layer_cls = METHODS[spec.method]
+    device = torch.device(device) if device is not None else default_device()
+    linears = find_targets(model, targets)
+    _check_rank(linears, spec.rank)
+    roundtrip = partial(quantize.roundtrip, bits=spec.bits, dtype=compute_dtype(device))
+    report = QuantizationReport() if layer_cls.moves_weight and spec.bits < 16 else None
+    read = _checkpoint_reader(model, linears, weights, device) if weights is not None else _model_reader
+
+    def split_layer(name: str, linear: nn.Linear) -> AdapterLayer:
+        weight, bias = read(name, linear)
+        weight = weight.detach().to(device, torch.float32)
+        # contiguous, as they will be when reloaded, so a restore recomputes the same frozen base
+        tensors = {key: t.contiguous() for key, t in layer_cls.split(weight, spec, roundtrip).items()}
+        layer = _build_layer(layer_cls, weight, bias, tensors, spec, device)
+        if report is not None:
+            report.add(weight, layer, roundtrip)
+        return layer
+
+    replace_layers(model, spec, linears, split_layer, device, progress)
+    if report is not None and progress:
+        console.print(report.line())
+    return model, report
+
+
+def _model_reader(name: str, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return linear.weight, linear.bias
+
+
+def load_non_targets(model: nn.Module, linears: dict[str, nn.Linear], weights, device: torch.device) -> None:
+    """Read every tensor but the targets' weights and biases, in the compute dtype, onto `device`."""
+    target_tensors = {f"{name}.{key}" for name in linears for key in ("weight", "bias")}
+    load_tensors(model, weights, skip=target_tensors, device=device, dtype=compute_dtype(device))
+
+
+def _checkpoint_reader(model: nn.Module, linears: dict[str, nn.Linear], weights, device: torch.device):
+    """Load the non-target tensors now; read each target's weight and bias when asked."""
+    load_non_targets(model, linears, weights, device)
+
+    def read(name: str, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return weights.read(f"{name}.weight"), weights.read(f"{name}.bias") if linear.bias is not None else None
+
+    return read
 
 
 def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha: float | None = None,
             targets: Iterable[str] | None = None, dropout: float = 0.0, core_init: str = "normal",
-            refine_iters: int = 0, grad_batches: Sequence[dict] | None = None, lr: float | None = None,
-            device: torch.device | str | None = None, progress: bool = True) -> nn.Module:
+            refine_iters: int = 0, svd_niter: int | None = None, grad_batches: Sequence[dict] | None = None,
+            lr: float | None = None, device: torch.device | str | None = None,
+            progress: bool = True) -> nn.Module:
     """Turn a loaded HF causal LM into a trainable qsvd model, in place.
 
     lorasb also needs `grad_batches` (model inputs with labels) and the first step's `lr`.
     """
     spec = make_spec(method, rank, alpha, bits, dropout=dropout, core_init=core_init,
-                     refine_iters=refine_iters)
-    layer_cls = METHODS[method]
-    if layer_cls.needs_gradient_init and grad_batches is None:
-        raise QSVDError("lorasb initialises from gradients: pass grad_batches=[batch, ...]")
-    device = torch.device(device) if device is not None else default_device()
-    dtype = compute_dtype(device)
-    linears = find_targets(model, targets)
-    _check_rank(linears, rank)
-    roundtrip = partial(quantize.roundtrip, bits=bits, dtype=dtype)
-
-    def split_layer(name: str, linear: nn.Linear) -> AdapterLayer:
-        weight = linear.weight.detach().to(device, torch.float32)
-        # contiguous, as they will be when reloaded, so a restore recomputes the same frozen base
-        tensors = {key: t.contiguous() for key, t in layer_cls.split(weight, spec, roundtrip).items()}
-        return _build_layer(layer_cls, weight, linear.bias, tensors, spec, device, dtype)
-
-    layers = _replace(model, linears, split_layer, progress)
-    _finish(model, layers, spec, device, dtype)
-    if layer_cls.needs_gradient_init:
-        if lr is None:
-            raise QSVDError("lorasb needs the learning rate of its first step: pass lr=...")
-        init_from_gradients(model, layers, grad_batches, lr)
+                     refine_iters=refine_iters, svd_niter=svd_niter)
+    needs_gradients = METHODS[method].needs_gradient_init
+    if needs_gradients and (grad_batches is None or lr is None):
+        raise QSVDError("lorasb initialises from gradients: pass grad_batches=[batch, ...] and the "
+                        "learning rate of its first step, lr=...")
+    split_model(model, spec, targets, device, progress=progress)
+    if needs_gradients:
+        init_from_gradients(model, adapter_layers(model), grad_batches, lr)
     return model
 
 
 def restore(model: nn.Module, spec: AdapterSpec, targets: list[str], tensors: dict[str, torch.Tensor],
-            device: torch.device | str | None = None, progress: bool = True) -> nn.Module:
-    """Rebuild a qsvd model from saved adapter tensors, without any SVD."""
+            device: torch.device | str | None = None, weights=None, progress: bool = True) -> nn.Module:
+    """Rebuild a qsvd model from saved adapter tensors, without any SVD.
+
+    As in `split_model`, `weights` streams the base tensors into an empty `model`.
+    """
     layer_cls = METHODS[spec.method]
     device = torch.device(device) if device is not None else default_device()
-    dtype = compute_dtype(device)
     linears = find_targets(model)
     missing = [name for name in targets if name not in linears]
     if missing:
         raise QSVDError(f"the base model has no layer {missing[0]}: is it the model this run was trained on?")
     linears = {name: linears[name] for name in targets}
+    read = _checkpoint_reader(model, linears, weights, device) if weights is not None else _model_reader
 
     def rebuild_layer(name: str, linear: nn.Linear) -> AdapterLayer:
-        weight = linear.weight.detach().to(device, torch.float32)
+        weight, bias = read(name, linear)
         own = {key.removeprefix(name + "."): t.to(device) for key, t in tensors.items()
                if key.startswith(name + ".")}
-        layer = _build_layer(layer_cls, weight, linear.bias, own, spec, device, dtype)
+        layer = _build_layer(layer_cls, weight.detach().to(device, torch.float32), bias, own, spec, device)
         layer.load_state_dict(own, strict=False)  # trained magnitude, where the method has one
         return layer
 
-    layers = _replace(model, linears, rebuild_layer, progress)
-    return _finish(model, layers, spec, device, dtype)
+    return replace_layers(model, spec, linears, rebuild_layer, device, progress, "rebuild")
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, AdapterLayer)}
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -62,5 +62,7 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QSVD_CACHE", str(tmp_path / "qsvd-cache"))
+def isolated_cache(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.mktemp("qsvd-cache")
+    monkeypatch.setenv("QSVD_CACHE", str(cache))
+    return cache

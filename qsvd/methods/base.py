@@ -28,6 +28,7 @@ class AdapterSpec:
     dropout: float = 0.0
     core_init: str = "normal"  # loraxs/edora: R ~ N(0, 1e-5²), or "zeros"
     refine_iters: int = 0  # pissa: quantization-aware refinement iterations
+    svd_niter: int | None = None  # top-r SVD: randomized with this many power iterations, or exact
 
     @property
     def scale(self) -> float:
@@ -42,6 +43,9 @@ class AdapterLayer(nn.Module):
     summary: ClassVar[str]
     uses_alpha: ClassVar[bool] = True
     needs_gradient_init: ClassVar[bool] = False
+    random_init: ClassVar[bool] = False  # the split draws from the random generator
+    moves_weight: ClassVar[bool] = False  # the frozen base is W minus the adapter's initial product
+    uses_top_svd: ClassVar[bool] = False  # the split takes a top-r SVD (so --svd-niter applies)
 
     def __init__(self, base: nn.Module, tensors: dict[str, torch.Tensor], spec: AdapterSpec):
         super().__init__()

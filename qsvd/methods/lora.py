@@ -13,6 +13,7 @@ class LoRALayer(AdapterLayer):
     trainable = ("lora_A", "lora_B")
     default_lr = 2e-4
     summary = "B A on the frozen 4-bit W; B = 0, A random (the QLoRA baseline)."
+    random_init = True
 
     @classmethod
     def split(cls, weight, spec, roundtrip):

@@ -24,6 +24,7 @@ class LoRASBLayer(LoRAXSLayer):
     summary = "LoRA-XS core set from the top-r SVD of the first full fine-tuning step −η·sign(G)."
     uses_alpha = False
     needs_gradient_init = True
+    random_init = False
 
     @classmethod
     def split(cls, weight, spec, roundtrip):
@@ -36,7 +37,7 @@ class LoRASBLayer(LoRAXSLayer):
     @torch.no_grad()
     def init_from_update(self, update: torch.Tensor) -> None:
         """B, R, A from the top-r SVD of the estimated full fine-tuning update ΔW."""
-        u, s, vh = svd.top_triplets(update, self.spec.rank)
+        u, s, vh = svd.top_triplets(update, self.spec.rank, self.spec.svd_niter)
         self.lora_B.copy_(u)
         self.core.copy_(torch.diag(s))
         self.lora_A.copy_(vh)

@@ -17,10 +17,12 @@ class LoRAXSLayer(AdapterLayer):
     trainable = ("core",)
     default_lr = 2e-3
     summary = "frozen top-r SVD factors U_r, Σ_r V_rᵀ with a trainable r × r core R between them."
+    random_init = True
+    uses_top_svd = True
 
     @classmethod
     def split(cls, weight, spec, roundtrip):
-        u, s, vh = svd.top_triplets(weight, spec.rank)
+        u, s, vh = svd.top_triplets(weight, spec.rank, spec.svd_niter)
         core = torch.zeros(spec.rank, spec.rank, device=weight.device)
         if spec.core_init == "normal":
             core.normal_(0.0, CORE_INIT_STD)

@@ -13,3 +13,4 @@ class MiLoRALayer(PiSSALayer):
     default_lr = 3e-4
     summary = "bottom-r singular components train; the principal part is frozen (4-bit)."
     triplets = staticmethod(svd.bottom_triplets)
+    uses_top_svd = False

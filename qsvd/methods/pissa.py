@@ -17,6 +17,9 @@ class PiSSALayer(LoRALayer):
     default_lr = 2e-4
     summary = "top-r singular components train; the residual W − s·B A is frozen (4-bit)."
     triplets = staticmethod(svd.top_triplets)
+    random_init = False
+    moves_weight = True
+    uses_top_svd = True
 
     @classmethod
     def factors(cls, u, s, vh, spec) -> dict[str, torch.Tensor]:
@@ -28,10 +31,10 @@ class PiSSALayer(LoRALayer):
 
     @classmethod
     def split(cls, weight, spec, roundtrip):
-        tensors = cls.factors(*cls.triplets(weight, spec.rank), spec)
+        tensors = cls.factors(*cls.triplets(weight, spec.rank, spec.svd_niter), spec)
         for _ in range(spec.refine_iters):
             error = weight - roundtrip(cls.frozen_weight(weight, tensors, spec))
-            tensors = cls.factors(*svd.top_triplets(error, spec.rank), spec)
+            tensors = cls.factors(*svd.top_triplets(error, spec.rank, spec.svd_niter), spec)
         return tensors
 
     @classmethod

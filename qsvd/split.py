@@ -6,6 +6,7 @@ the next layer is touched. Streaming from the checkpoint, the peak is the final 
 model plus a few fp32 copies of the largest layer.
 """
 
+import ctypes
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -63,6 +64,23 @@ def _check_rank(linears: dict[str, nn.Linear], rank: int) -> None:
                             f"({linear.out_features} × {linear.in_features}); use a smaller --rank")
 
 
+def _load_libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+LIBC = _load_libc()
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps it otherwise, and the fp32 copies of
+    successive layers fragment the heap until the RSS reaches the size of the fp32 model."""
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
+
+
 def replace_layers(model: nn.Module, spec: AdapterSpec, linears: dict[str, nn.Linear],
                    make_layer: Callable[[str, nn.Linear], AdapterLayer], device: torch.device,
                    progress: bool, description: str = "split + quantize") -> nn.Module:
@@ -74,6 +92,7 @@ def replace_layers(model: nn.Module, spec: AdapterSpec, linears: dict[str, nn.Li
         parent = model.get_submodule(parent_name)
         layers[name] = make_layer(name, linears.pop(name))
         setattr(parent, child, layers[name])
+        _return_freed_memory()
     dtype = compute_dtype(device)
     adapter_params = {id(p) for layer in layers.values() for p in layer.parameters()}
     for param in model.parameters():

@@ -2,6 +2,7 @@
 
 import math
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +60,18 @@ def first_step_lr(config: FinetuneConfig, rows: int) -> float:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory on CUDA; the process's peak RSS on CPU."""
+    """Peak allocated GPU memory on CUDA; the process's peak RSS on CPU.
+
+    On Linux the peak RSS is VmHWM: getrusage's ru_maxrss survives fork + exec, so a child of
+    a big process would report its parent's peak.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,

@@ -6,22 +6,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 from torch import nn
 from transformers import set_seed
 
 from .config import FinetuneConfig
+from .console import console
 from .data import build_dataset, first_batches
 from .errors import QSVDError
 from .export import publish, write_run
 from .load import load_tokenizer, resolve_model
 from .methods import METHODS
 from .methods.lorasb import init_from_gradients
-from .prepared import build, lookup, obtain
+from .prepared import build_to_disk, lookup, obtain
 from .split import adapter_layers, default_device
 from .train import first_step_lr, peak_memory_mb, train
 
-console = Console(stderr=True)
 
 
 @dataclass
@@ -55,7 +54,7 @@ def init(config: FinetuneConfig | None = None, **options) -> Path:
     if found.problem is None:
         console.print(f"already prepared: {found.path}")
     else:
-        build(found, files, config.spec(), device)
+        build_to_disk(found, files, config.spec(), device)
     return found.path
 
 
@@ -100,5 +99,5 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
         shutil.rmtree(stage, ignore_errors=True)
     summary = RunSummary(model, output, trainable, outcome.final_loss, time.perf_counter() - start,
                          peak_memory_mb(model.device))
-    console.print(summary.line(), soft_wrap=True)
+    console.print(summary.line())
     return summary

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
-from rich.console import Console
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .console import console
 from .errors import QSVDError
 
 EMBEDDED_ALIAS = "smollm2-135m"
@@ -36,7 +36,6 @@ HUB_ALIASES = {
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
 }
 GGUF_MAGIC = b"GGUF"
-console = Console(stderr=True)
 
 
 def cache_dir() -> Path:

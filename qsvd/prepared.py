@@ -1,38 +1,41 @@
 """The prepared-model cache: split + quantize a model once, reuse it for every run of that setup.
 
-<cache>/prepared/<key hash>/ holds
-- frozen.safetensors: each target layer's frozen base as bitsandbytes stores it (the packed
-  4-bit or int8 weight and its quantization statistics) and its bias;
-- adapter.safetensors: the adapter's initial tensors;
+<cache>/prepared/<method>-r<rank>-<bits>bit-<key hash>/ holds
+- layers-NNNNN.safetensors: shards of about 256 MiB with each target layer's state: its frozen
+  base as bitsandbytes stores it (the packed 4-bit or int8 weight, its quantization
+  statistics, the bias) under `<layer>.base.*`, and the adapter's initial tensors;
 - manifest.json: the key it was made for (source model fingerprint, method, rank, alpha, bits,
-  targets, refinement and SVD iterations, compute dtype, and the seed where the split is
-  random), the quantization report, and the sha256 of both files.
-Embeddings, norms and head are not copied: they are read from the source model. A reload
-runs no SVD and no quantization. The directory is written under a temporary name and renamed
-into place, and a corrupt or mismatched one is never used: it is rebuilt.
+  targets, refinement and SVD iterations, core init, compute dtype, and the seed where the
+  split is random), the quantization report, and the sha256 of every shard.
+Embeddings, norms and head are not copied: they are read from the source model. A reload runs
+no SVD and no quantization. The directory is written under a temporary name and renamed into
+place; a corrupt or mismatched one is never used, but rebuilt.
+
+`qsvd init` streams both ways: each layer is read, split, quantized and written out in turn,
+so it never holds more than one shard of the quantized model.
 """
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from safetensors import safe_open
+from rich.progress import track
 from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__, quantize
-from .load import ModelFiles, atomic_dir, cache_dir, empty_model, open_weights
-from .methods import METHODS, AdapterSpec
-from .split import (QuantizationReport, adapter_layers, adapter_state, compute_dtype, default_device,
-                    find_targets, load_non_targets, replace_layers, split_model)
+from .console import console
+from .load import ModelFiles, SafetensorsWeights, atomic_dir, cache_dir, empty_model, open_weights
+from .methods import METHODS, AdapterLayer, AdapterSpec
+from .split import (QuantizationReport, adapter_layers, check_rank, compute_dtype, default_device, find_targets,
+                    layer_splitter, load_non_targets, replace_layers, return_freed_memory, split_model,
+                    target_tensors)
 
-FROZEN_FILE = "frozen.safetensors"
-ADAPTER_FILE = "adapter.safetensors"
+SHARD_BYTES = 256 * 2**20
 MANIFEST_FILE = "manifest.json"
-console = Console(stderr=True)
 
 
 def prepared_key(files: ModelFiles, spec: AdapterSpec, targets: list[str], device: torch.device,
@@ -57,20 +60,33 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_prepared(model: nn.Module, key: dict, report: QuantizationReport | None) -> Path:
-    """Save a freshly split model's frozen layers and initial adapter tensors, atomically."""
-    frozen = {f"{name}.{k}": t.contiguous() for name, layer in adapter_layers(model).items()
-              for k, t in layer.base.state_dict().items()}
+def write_prepared(path: Path, key: dict, layers: Iterable[tuple[str, AdapterLayer]],
+                   report: QuantizationReport | None) -> Path:
+    """Write `layers`, taken one at a time, into shards, then the manifest; all or nothing.
 
+    `report` is read once every layer is written, so a lazy `layers` may still be filling it.
+    """
     def write(tmp: Path) -> None:
-        save_file(frozen, tmp / FROZEN_FILE)
-        save_file(adapter_state(model), tmp / ADAPTER_FILE)
+        shards, pending = [], {}
+
+        def flush() -> None:
+            shards.append(f"layers-{len(shards) + 1:05d}.safetensors")
+            save_file(pending, tmp / shards[-1])
+            pending.clear()
+            return_freed_memory()
+
+        for name, layer in layers:
+            pending.update({f"{name}.{k}": t.contiguous() for k, t in layer.state_dict().items()})
+            if sum(t.numel() * t.element_size() for t in pending.values()) >= SHARD_BYTES:
+                flush()
+        if pending:
+            flush()
         manifest = {"qsvd_version": __version__, "key": key,
                     "quantization_report": asdict(report) | {"ratio": report.ratio} if report else None,
-                    "sha256": {name: _sha256(tmp / name) for name in (FROZEN_FILE, ADAPTER_FILE)}}
+                    "sha256": {shard: _sha256(tmp / shard) for shard in shards}}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    return atomic_dir(prepared_dir(key), write)
+    return atomic_dir(path, write)
 
 
 def check_prepared(path: Path, key: dict) -> str | None:
@@ -81,9 +97,11 @@ def check_prepared(path: Path, key: dict) -> str | None:
         return "missing or has no readable manifest"
     if manifest.get("key") != key:
         return "made for another model or setup"
-    for name, digest in manifest.get("sha256", {}).items():
-        if not (path / name).is_file() or _sha256(path / name) != digest:
-            return f"corrupt ({name} does not match its checksum)"
+    if not manifest.get("sha256"):
+        return "corrupt (its manifest lists no shards)"
+    for shard, digest in manifest["sha256"].items():
+        if not (path / shard).is_file() or _sha256(path / shard) != digest:
+            return f"corrupt ({shard} does not match its checksum)"
     return None
 
 
@@ -93,17 +111,16 @@ def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: Adapter
     layer_cls = METHODS[spec.method]
     linears = find_targets(model, targets)
     load_non_targets(model, linears, open_weights(files, model), device)
-    with safe_open(path / FROZEN_FILE, framework="pt", device=str(device)) as frozen, \
-            safe_open(path / ADAPTER_FILE, framework="pt", device=str(device)) as adapter:
-        def tensors_of(f, name: str) -> dict[str, torch.Tensor]:
-            return {key.removeprefix(name + "."): f.get_tensor(key) for key in f.keys()
-                    if key.startswith(name + ".")}
+    shards = SafetensorsWeights(tuple(sorted(path.glob("layers-*.safetensors"))))
 
-        def load_layer(name: str, linear: nn.Linear) -> nn.Module:
-            base = quantize.load_frozen(tensors_of(frozen, name), spec.bits, compute_dtype(device), device)
-            return layer_cls(base, tensors_of(adapter, name), spec)
+    def load_layer(name: str, linear: nn.Linear) -> nn.Module:
+        state = {key.removeprefix(name + "."): shards.read(key) for key in shards.shard_of
+                 if key.startswith(name + ".")}
+        base = {key.removeprefix("base."): t for key, t in state.items() if key.startswith("base.")}
+        tensors = {key: t.to(device) for key, t in state.items() if not key.startswith("base.")}
+        return layer_cls(quantize.load_frozen(base, spec.bits, compute_dtype(device), device), tensors, spec)
 
-        return replace_layers(model, spec, linears, load_layer, device, progress, "load prepared")
+    return replace_layers(model, spec, linears, load_layer, device, progress, "load prepared")
 
 
 @dataclass
@@ -129,13 +146,38 @@ def lookup(files: ModelFiles, spec: AdapterSpec, targets: list[str] | None, seed
 def build(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: torch.device,
           progress: bool = True) -> nn.Module:
     """Split by streaming the checkpoint into the empty model, and save it as a prepared model."""
-    if found.path.exists():
-        console.print(f"the prepared model {found.path} is {found.problem}: rebuilding it")
+    _say_rebuilding(found)
     model, report = split_model(found.model, spec, found.targets, device,
                                 weights=open_weights(files, found.model), progress=progress)
-    write_prepared(model, found.key, report)
+    write_prepared(found.path, found.key, adapter_layers(model).items(), report)
     console.print(f"prepared model saved to {found.path}")
     return model
+
+
+def build_to_disk(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: torch.device,
+                  progress: bool = True) -> QuantizationReport | None:
+    """`qsvd init`: read, split, quantize and write out one layer at a time, never holding the
+    model; embeddings, norms and head are not even read."""
+    _say_rebuilding(found)
+    linears = find_targets(found.model, found.targets)
+    check_rank(linears, spec.rank)
+    weights = open_weights(files, found.model)
+    split_layer, report = layer_splitter(spec, device)
+
+    def layers() -> Iterator[tuple[str, AdapterLayer]]:
+        for name in track(list(linears), description="split + quantize", disable=not progress):
+            yield name, split_layer(*target_tensors(name, linears.pop(name), weights))
+
+    write_prepared(found.path, found.key, layers(), report)
+    if report is not None and progress:
+        console.print(report.line())
+    console.print(f"prepared model saved to {found.path}")
+    return report
+
+
+def _say_rebuilding(found: Lookup) -> None:
+    if found.path.exists():
+        console.print(f"the prepared model {found.path} is {found.problem}: rebuilding it")
 
 
 def obtain(files: ModelFiles, spec: AdapterSpec, targets: list[str] | None = None, seed: int = 42,

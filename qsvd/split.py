@@ -12,17 +12,16 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from rich.console import Console
 from rich.progress import track
 from torch import nn
 
 from . import quantize
+from .console import console
 from .errors import QSVDError
 from .load import load_tensors
 from .methods import METHODS, AdapterLayer, AdapterSpec
 from .methods.lorasb import init_from_gradients
 
-console = Console(stderr=True)
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -56,7 +55,7 @@ def find_targets(model: nn.Module, targets: Iterable[str] | None = None) -> dict
     return chosen
 
 
-def _check_rank(linears: dict[str, nn.Linear], rank: int) -> None:
+def check_rank(linears: dict[str, nn.Linear], rank: int) -> None:
     for name, linear in linears.items():
         if rank > min(linear.out_features, linear.in_features):
             raise QSVDError(f"--rank {rank} is larger than min(out, in) = "
@@ -74,7 +73,7 @@ def _load_libc():
 LIBC = _load_libc()
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand freed heap memory back to the OS. glibc keeps it otherwise, and the fp32 copies of
     successive layers fragment the heap until the RSS reaches the size of the fp32 model."""
     if LIBC is not None:
@@ -92,7 +91,7 @@ def replace_layers(model: nn.Module, spec: AdapterSpec, linears: dict[str, nn.Li
         parent = model.get_submodule(parent_name)
         layers[name] = make_layer(name, linears.pop(name))
         setattr(parent, child, layers[name])
-        _return_freed_memory()
+        return_freed_memory()
     dtype = compute_dtype(device)
     adapter_params = {id(p) for layer in layers.values() for p in layer.parameters()}
     for param in model.parameters():
@@ -165,6 +164,38 @@ class QuantizationReport:
                 f"{self.ratio:.3f} × plain QLoRA's ‖W − deq(Q(W))‖ = {self.qlora_error_sq ** 0.5:.4g}")
 
 
+def layer_splitter(spec: AdapterSpec, device: torch.device):
+    """`split_layer(W, b)` → the adapter layer over Q(frozen part of W), and the quantization
+    report it fills in where one applies (else None)."""
+    layer_cls = METHODS[spec.method]
+    roundtrip = partial(quantize.roundtrip, bits=spec.bits, dtype=compute_dtype(device))
+    report = QuantizationReport() if layer_cls.moves_weight and spec.bits < 16 else None
+
+    def split_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> AdapterLayer:
+        weight = weight.detach().to(device, torch.float32)
+        # contiguous, as they will be when reloaded, so a restore recomputes the same frozen base
+        tensors = {key: t.contiguous() for key, t in layer_cls.split(weight, spec, roundtrip).items()}
+        layer = _build_layer(layer_cls, weight, bias, tensors, spec, device)
+        if report is not None:
+            report.add(weight, layer, roundtrip)
+        return layer
+
+    return split_layer, report
+
+
+def target_tensors(name: str, linear: nn.Linear, weights=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A target's W and b: read from the checkpoint if `weights` is given, else the loaded layer's."""
+    if weights is None:
+        return linear.weight, linear.bias
+    return weights.read(f"{name}.weight"), weights.read(f"{name}.bias") if linear.bias is not None else None
+
+
+def load_non_targets(model: nn.Module, linears: dict[str, nn.Linear], weights, device: torch.device) -> None:
+    """Read every tensor but the targets' weights and biases, in the compute dtype, onto `device`."""
+    skip = {f"{name}.{key}" for name in linears for key in ("weight", "bias")}
+    load_tensors(model, weights, skip=skip, device=device, dtype=compute_dtype(device))
+
+
 def split_model(model: nn.Module, spec: AdapterSpec, targets: Iterable[str] | None = None,
                 device: torch.device | str | None = None, weights=None,
                 progress: bool = True) -> tuple[nn.Module, QuantizationReport | None]:
@@ -174,48 +205,17 @@ def split_model(model: nn.Module, spec: AdapterSpec, targets: Iterable[str] | No
     and every tensor is read from the checkpoint when it is needed: the streaming split.
     Returns the model and, where it applies, the quantization report.
     """
-    layer_cls = METHODS[spec.method]
     device = torch.device(device) if device is not None else default_device()
     linears = find_targets(model, targets)
-    _check_rank(linears, spec.rank)
-    roundtrip = partial(quantize.roundtrip, bits=spec.bits, dtype=compute_dtype(device))
-    report = QuantizationReport() if layer_cls.moves_weight and spec.bits < 16 else None
-    read = _checkpoint_reader(model, linears, weights, device) if weights is not None else _model_reader
-
-    def split_layer(name: str, linear: nn.Linear) -> AdapterLayer:
-        weight, bias = read(name, linear)
-        weight = weight.detach().to(device, torch.float32)
-        # contiguous, as they will be when reloaded, so a restore recomputes the same frozen base
-        tensors = {key: t.contiguous() for key, t in layer_cls.split(weight, spec, roundtrip).items()}
-        layer = _build_layer(layer_cls, weight, bias, tensors, spec, device)
-        if report is not None:
-            report.add(weight, layer, roundtrip)
-        return layer
-
-    replace_layers(model, spec, linears, split_layer, device, progress)
+    check_rank(linears, spec.rank)
+    split_layer, report = layer_splitter(spec, device)
+    if weights is not None:
+        load_non_targets(model, linears, weights, device)
+    replace_layers(model, spec, linears, lambda name, linear: split_layer(*target_tensors(name, linear, weights)),
+                   device, progress)
     if report is not None and progress:
         console.print(report.line())
     return model, report
-
-
-def _model_reader(name: str, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return linear.weight, linear.bias
-
-
-def load_non_targets(model: nn.Module, linears: dict[str, nn.Linear], weights, device: torch.device) -> None:
-    """Read every tensor but the targets' weights and biases, in the compute dtype, onto `device`."""
-    target_tensors = {f"{name}.{key}" for name in linears for key in ("weight", "bias")}
-    load_tensors(model, weights, skip=target_tensors, device=device, dtype=compute_dtype(device))
-
-
-def _checkpoint_reader(model: nn.Module, linears: dict[str, nn.Linear], weights, device: torch.device):
-    """Load the non-target tensors now; read each target's weight and bias when asked."""
-    load_non_targets(model, linears, weights, device)
-
-    def read(name: str, linear: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return weights.read(f"{name}.weight"), weights.read(f"{name}.bias") if linear.bias is not None else None
-
-    return read
 
 
 def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha: float | None = None,
@@ -252,10 +252,11 @@ def restore(model: nn.Module, spec: AdapterSpec, targets: list[str], tensors: di
     if missing:
         raise QSVDError(f"the base model has no layer {missing[0]}: is it the model this run was trained on?")
     linears = {name: linears[name] for name in targets}
-    read = _checkpoint_reader(model, linears, weights, device) if weights is not None else _model_reader
+    if weights is not None:
+        load_non_targets(model, linears, weights, device)
 
     def rebuild_layer(name: str, linear: nn.Linear) -> AdapterLayer:
-        weight, bias = read(name, linear)
+        weight, bias = target_tensors(name, linear, weights)
         own = {key.removeprefix(name + "."): t.to(device) for key, t in tensors.items()
                if key.startswith(name + ".")}
         layer = _build_layer(layer_cls, weight.detach().to(device, torch.float32), bias, own, spec, device)

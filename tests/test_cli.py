@@ -93,7 +93,8 @@ BAD_FLAGS = [
     (["--seq-len", 5], "no row of the built-in dataset fits in --seq-len 5"),
     (["--targets", "attn_qkv"], "--targets attn_qkv matches no linear layer; this model has: down_proj,gate_proj"),
     (["--method", "lorasb", "--alpha", 16], "lorasb fixes the scale s = 1"),
-    (["--method", "lora", "--refine-iters", 2], None),  # not a CLI flag: click rejects it
+    (["--method", "lora", "--refine-iters", 2], "--refine-iters takes a count ≥ 0 and applies to pissa only"),
+    (["--method", "milora", "--svd-niter", 2], "--svd-niter takes a count ≥ 0 and applies to the methods"),
 ]
 
 
@@ -146,3 +147,25 @@ def test_shipped_configs_resolve(config):
     result = run("--config", config, "--dry-run")
     assert result.exit_code == 0, result.output
     assert f"method: {config.stem}" in result.output or config.stem == "smollm2-135m"
+
+
+def test_init_prepares_once_and_finetune_reuses_it(tiny_model_dir, tmp_path):
+    init = ["init", "--model", tiny_model_dir, "--method", "pissa", "--rank", 8, "--refine-iters", 1]
+    first = CliRunner().invoke(cli, list(map(str, init)))
+    assert first.exit_code == 0, first.output
+    assert "prepared model saved to" in first.output
+    assert "× plain QLoRA's" in first.output  # the refinement's report
+    again = CliRunner().invoke(cli, list(map(str, init)))
+    assert again.exit_code == 0 and "already prepared" in again.output
+    result = run(*tiny_args(tiny_model_dir, tmp_path / "run", "--method", "pissa", "--refine-iters", 1,
+                            "--max-steps", 1))
+    assert result.exit_code == 0, result.output
+    assert "reusing the prepared model" in result.output
+    record = json.loads((tmp_path / "run" / "qsvd_config.json").read_text())
+    assert record["prepared_model"] in first.output
+
+
+def test_init_rejects_bad_flags_before_any_work(tiny_model_dir):
+    result = CliRunner().invoke(cli, ["init", "--model", str(tiny_model_dir), "--rank", "65"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error: --rank 65 is larger than")

@@ -1,6 +1,7 @@
 """The streaming split, the exact and randomized SVDs, and the prepared-model cache."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -185,7 +186,7 @@ def test_bad_svd_niter(method, options, message):
 def obtain(path, method="milora", **options):
     set_seed(0)
     spec = make_spec(method, RANK, bits=4, **options)
-    return prepared.obtain(resolve_model(str(path)), spec, device="cpu", progress=False)
+    return prepared.obtain(resolve_model(str(path)), spec, seed=0, device="cpu", progress=False)
 
 
 def test_prepared_model_reloads_to_identical_logits_without_svd_or_quantization(sharded_dir, capsys,
@@ -209,11 +210,11 @@ def test_prepared_model_reloads_to_identical_logits_without_svd_or_quantization(
     assert reloaded.qsvd_targets == model.qsvd_targets
 
 
-def corrupt_frozen_file(path):
-    frozen = path / prepared.FROZEN_FILE
-    data = bytearray(frozen.read_bytes())
+def corrupt_a_shard(path):
+    shard = path / "layers-00001.safetensors"
+    data = bytearray(shard.read_bytes())
     data[-100:] = bytes(100)
-    frozen.write_bytes(bytes(data))
+    shard.write_bytes(bytes(data))
 
 
 def change_manifest_source(path):
@@ -223,7 +224,7 @@ def change_manifest_source(path):
     manifest_file.write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("damage,problem", [(corrupt_frozen_file, "corrupt"),
+@pytest.mark.parametrize("damage,problem", [(corrupt_a_shard, "corrupt"),
                                             (change_manifest_source, "made for another model")])
 def test_damaged_prepared_model_is_detected_and_rebuilt(sharded_dir, capsys, damage, problem):
     model, path = obtain(sharded_dir, "pissa")
@@ -247,3 +248,14 @@ def test_another_model_or_setup_never_reuses_a_prepared_model(sharded_dir, tmp_p
     spec = make_spec("lora", RANK, bits=4)
     _, seeded_path = prepared.obtain(resolve_model(str(sharded_dir)), spec, seed=1, device="cpu", progress=False)
     assert seeded_path != path
+
+
+def test_init_streams_to_disk_the_same_prepared_model_a_split_writes(sharded_dir, capsys):
+    path = qsvd.init(model=str(sharded_dir), method="loraxs", rank=RANK, bits=4, seed=0)
+    assert "prepared model saved" in capsys.readouterr().err
+    shards = {shard: (path / shard).read_bytes() for shard in
+              json.loads((path / prepared.MANIFEST_FILE).read_text())["sha256"]}
+    shutil.rmtree(path)
+    _, rebuilt = obtain(sharded_dir, "loraxs")  # the in-memory split, saved
+    assert rebuilt == path
+    assert {shard: (path / shard).read_bytes() for shard in shards} == shards

@@ -55,7 +55,7 @@ class AdapterLayer(nn.Module):
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         device = base.weight.device
         for key, tensor in tensors.items():
-            tensor = tensor.detach().float().to(device)
+            tensor = tensor.detach().to(device, torch.float32, copy=True)  # never a view of a file
             if key in self.trainable:
                 self.register_parameter(key, nn.Parameter(tensor))
             else:

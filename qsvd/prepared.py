@@ -167,6 +167,7 @@ def build_to_disk(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: t
     def layers() -> Iterator[tuple[str, AdapterLayer]]:
         for name in track(list(linears), description="split + quantize", disable=not progress):
             yield name, split_layer(*target_tensors(name, linears.pop(name), weights))
+            return_freed_memory()
 
     write_prepared(found.path, found.key, layers(), report)
     if report is not None and progress:

@@ -1,7 +1,7 @@
 """The run configuration: defaults, a YAML file, then CLI flags, in that order of precedence."""
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml

@@ -2,6 +2,7 @@
 
 Exactly PiSSA's split on (U_min, Σ_min, V_min); the frozen base Q(W − s·B A) is the
 principal matrix, which keeps what pretraining put in the large singular directions.
+The bottom triplets are exact: the float64 eigendecomposition of the smaller Gram matrix.
 """
 
 from .. import svd

@@ -3,6 +3,8 @@
 B = U_r·sqrt(Σ_r / s), A = sqrt(Σ_r / s)·V_rᵀ, frozen base Q(W − s·B A).
 With `refine_iters` T > 0 (QPiSSA/LoftQ): B, A are re-taken T times from the top r of
 E = W − deq(Q(W − s·B A)), so that B A also absorbs the quantization error.
+With `svd_niter` the top-r triplets come from a randomized SVD; the frozen base is still
+computed from the factors, so W = base + s·B A exactly (before quantization).
 """
 
 import torch

@@ -222,7 +222,7 @@ def open_weights(files: ModelFiles, model: PreTrainedModel) -> SafetensorsWeight
 def load_tensors(model: nn.Module, weights, skip: Container[str], device: torch.device,
                  dtype: torch.dtype) -> None:
     """Read every model tensor not in `skip` into place: floating ones in `dtype`, on `device`."""
-    for name, tensor in model.state_dict().items():
+    for name in model.state_dict():
         if name in skip or name not in weights:
             continue
         value = weights.read(name)

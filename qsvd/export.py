@@ -55,9 +55,9 @@ def load_run(run_dir: str | Path, device=None):
     record = json.loads(config_path.read_text())
     trust_remote_code = record["config"]["trust_remote_code"]
     files = resolve_model(record["config"]["model"])
-    if files.fingerprint() != record["model_fingerprint"]:
+    if files.fingerprint != record["model_fingerprint"]:
         raise QSVDError(f"the model {record['config']['model']} is not the one {run_dir} was trained on "
-                        f"(fingerprint {files.fingerprint()} ≠ {record['model_fingerprint']})")
+                        f"(fingerprint {files.fingerprint} ≠ {record['model_fingerprint']})")
     model = empty_model(files, trust_remote_code)
     model = restore(model, AdapterSpec(**record["spec"]), record["targets"], load_file(adapter_path),
                     device=device, weights=open_weights(files, model), progress=False)

@@ -88,7 +88,7 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     try:
         outcome = train(model, tokenizer, dataset, config, stage / "trainer")
         record = {"config": config.resolved(), "model_path": str(files.config_dir),
-                  "model_fingerprint": files.fingerprint(), "prepared_model": str(prepared),
+                  "model_fingerprint": files.fingerprint, "prepared_model": str(prepared),
                   "trainable_params": trainable,
                   "final_loss": outcome.final_loss, "train_seconds": outcome.seconds,
                   "peak_memory_mb": outcome.peak_memory_mb}

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Container
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +80,10 @@ class ModelFiles:
     weights: tuple[Path, ...]
     gguf: bool = False
 
+    @cached_property
     def fingerprint(self) -> str:
-        """sha256 of config.json and, for each weight file, its name, size and 16 sampled 64 KiB blocks."""
+        """sha256 of config.json and, for each weight file, its name, size and 16 sampled 64 KiB blocks
+        (read once per ModelFiles)."""
         digest = hashlib.sha256((self.config_dir / "config.json").read_bytes())
         for path in self.weights:
             size = path.stat().st_size

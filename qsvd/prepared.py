@@ -41,7 +41,7 @@ MANIFEST_FILE = "manifest.json"
 def prepared_key(files: ModelFiles, spec: AdapterSpec, targets: list[str], device: torch.device,
                  seed: int) -> dict:
     """Everything the prepared tensors depend on (dropout, for one, they do not)."""
-    return {"source": files.fingerprint(), "method": spec.method, "rank": spec.rank, "alpha": spec.alpha,
+    return {"source": files.fingerprint, "method": spec.method, "rank": spec.rank, "alpha": spec.alpha,
             "bits": spec.bits, "targets": targets, "refine_iters": spec.refine_iters,
             "svd_niter": spec.svd_niter, "core_init": spec.core_init, "dtype": str(compute_dtype(device)),
             "seed": seed if METHODS[spec.method].random_init else None}

@@ -120,18 +120,38 @@ def direct_row_norm(layer):
     return torch.linalg.vector_norm(layer.base_weight() + layer.adapter_delta(), dim=1)
 
 
+def dense_magnitude_output(layer, x):
+    """(m / n) ⊙ (W' x) + b with W' = deq(Q(W)) + adapter, and n taken directly from W'."""
+    weight = layer.base_weight() + layer.adapter_delta()
+    bias = 0 if layer.base.bias is None else layer.base.bias
+    return layer.magnitude / torch.linalg.vector_norm(weight, dim=1) * (x @ weight.T) + bias
+
+
 @pytest.mark.parametrize("bits", BITS)
-def test_edora_fast_norm_equals_direct_norm(bits):
-    model = prepared("edora", bits)
+@pytest.mark.parametrize("method", ["dora", "edora"])
+def test_fast_norm_equals_direct_norm(method, bits):
+    """n from init-time statistics (edora) or P = W Aᵀ riding the base matmul (dora) is exact."""
+    model = qsvd.prepare(tiny_model(bias=True), method, bits=bits, rank=RANK, device="cpu", progress=False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    for step in range(4):  # at init, then after training steps that move R far from 0
+    x = torch.randn(2, 3, 128)
+    for step in range(4):  # at init, then after training steps that move the adapter far from init
         for layer in adapter_layers(model).values():
-            direct = direct_row_norm(layer)
-            assert torch.allclose(layer.weight_norm(), direct, rtol=1e-5, atol=0), step
+            with torch.no_grad():
+                assert torch.allclose(layer.weight_norm(), direct_row_norm(layer), rtol=1e-5, atol=0), step
+                inputs = x[..., :layer.in_features]
+                assert torch.allclose(layer(inputs), dense_magnitude_output(layer, inputs), rtol=1e-4, atol=1e-5)
         model(**BATCH).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    assert any(layer.core.abs().max() > 0.01 for layer in adapter_layers(model).values())
+    moved = {"dora": "lora_B", "edora": "core"}[method]
+    assert any(getattr(layer, moved).abs().max() > 0.01 for layer in adapter_layers(model).values())
+
+
+@pytest.mark.parametrize("method", ["dora", "edora"])
+def test_magnitude_methods_never_dequantize_while_training(method, monkeypatch):
+    model = prepared(method, 4)
+    monkeypatch.setattr("qsvd.methods.base.dequantize", lambda *a: pytest.fail("dequantized for n"))
+    model(**BATCH).loss.backward()
 
 
 @pytest.mark.parametrize("bits", BITS)

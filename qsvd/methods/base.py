@@ -108,14 +108,46 @@ def row_norm(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(matrix, dim=1)
 
 
-def apply_magnitude(layer: AdapterLayer, x: torch.Tensor, delta_out: torch.Tensor,
+def frozen_output(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
+    """deq(Q(W)) x, without the bias."""
+    out = layer.base(x)
+    return out if layer.base.bias is None else out - layer.base.bias
+
+
+def init_magnitude(layer: AdapterLayer) -> torch.Tensor:
+    """m = ‖deq(Q(W))‖_row (trainable) and w = ‖deq(Q(W))‖²_row (a buffer); returns deq(Q(W)).
+
+    The one dequantization of the frozen weight a magnitude method ever does.
+    """
+    weight = layer.base_weight()
+    layer.register_buffer("weight_sq_norm", weight.square().sum(dim=1), persistent=False)
+    layer.magnitude = nn.Parameter(layer.weight_sq_norm.sqrt())
+    return weight
+
+
+@torch.no_grad()
+def norm_from_statistics(layer: AdapterLayer, weight_A: torch.Tensor, gram_A: torch.Tensor,
+                         direction_B: torch.Tensor) -> torch.Tensor:
+    """n = ‖deq(Q(W)) + s·B' A‖_row without the out × in weight, in O(out·r²):
+
+        n² = w + 2s·rowsum(P ⊙ B') + s²·rowsum((B' G) ⊙ B'),
+
+    with w = ‖deq(Q(W))‖²_row, P = deq(Q(W)) Aᵀ and G = A Aᵀ. B' is B for dora and B R for
+    edora (rowsum((P Rᵀ) ⊙ B) = rowsum(P ⊙ (B R))).
+    """
+    s, B = layer.scale, direction_B.float()
+    cross = (weight_A.float() * B).sum(dim=1)
+    quad = ((B @ gram_A.float()) * B).sum(dim=1)
+    return (layer.weight_sq_norm + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+
+
+def apply_magnitude(layer: AdapterLayer, base_out: torch.Tensor, delta_out: torch.Tensor,
                     norm: torch.Tensor) -> torch.Tensor:
-    """DoRA's output (m / n) ⊙ (deq(Q(W)) x + delta_out) + b, with n detached."""
-    base_out = layer.base(x)
-    bias = layer.base.bias
-    if bias is not None:
-        base_out = base_out - bias
+    """DoRA's output (m / n) ⊙ (deq(Q(W)) x + delta_out) + b, with n detached.
+
+    `base_out` is deq(Q(W)) x without the bias.
+    """
     scaled = (layer.magnitude / norm) * (base_out.to(delta_out.dtype) + delta_out)
-    if bias is not None:
-        scaled = scaled + bias
+    if layer.base.bias is not None:
+        scaled = scaled + layer.base.bias
     return scaled.to(base_out.dtype)

@@ -1,13 +1,16 @@
 """DoRA (Liu et al. 2024): y = (m / n) ⊙ (deq(Q(W)) x + s·B A x), n = ‖deq(Q(W)) + s·B A‖_row.
 
 B, A start as in LoRA and m = ‖deq(Q(W))‖_row, so the output starts at the base output.
-n is detached from the graph, as in the DoRA paper.
+n is detached from the graph, as in the DoRA paper, and is computed without forming the
+out × in weight: A's r rows ride along with the batch through the frozen 4-bit matmul, which
+gives P = deq(Q(W)) Aᵀ for the cost of r more tokens, and then
+
+    n² = w + 2s·rowsum(P ⊙ B) + s²·rowsum((B G) ⊙ B),   G = A Aᵀ, w = ‖deq(Q(W))‖²_row (from init).
 """
 
 import torch
-from torch import nn
 
-from .base import apply_magnitude, row_norm
+from .base import apply_magnitude, frozen_output, init_magnitude, norm_from_statistics
 from .lora import LoRALayer
 
 
@@ -19,9 +22,20 @@ class DoRALayer(LoRALayer):
 
     def __init__(self, base, tensors, spec):
         super().__init__(base, tensors, spec)
-        self.magnitude = nn.Parameter(row_norm(self.base_weight()))
+        init_magnitude(self)
+
+    def weight_norm(self, weight_A: torch.Tensor | None = None) -> torch.Tensor:
+        """n = ‖deq(Q(W)) + s·B A‖_row (detached), given P = deq(Q(W)) Aᵀ or computing it."""
+        A = self.lora_A.detach()
+        if weight_A is None:
+            with torch.no_grad():
+                weight_A = frozen_output(self, A).T
+        return norm_from_statistics(self, weight_A, A @ A.T, self.lora_B.detach())
 
     def forward(self, x):
-        with torch.no_grad():
-            norm = row_norm(self.base_weight() + self.adapter_delta())
-        return apply_magnitude(self, x, self._low_rank(x, self.lora_B, self.lora_A), norm)
+        rank = self.spec.rank
+        rows = x.reshape(-1, self.in_features)
+        stacked = frozen_output(self, torch.cat([rows, self.lora_A.detach().to(rows.dtype)]))
+        base_out = stacked[:-rank].view(*x.shape[:-1], self.out_features)
+        norm = self.weight_norm(stacked[-rank:].detach().T)
+        return apply_magnitude(self, base_out, self._low_rank(x, self.lora_B, self.lora_A), norm)

@@ -1,6 +1,7 @@
 """The run configuration: defaults, a YAML file, then CLI flags, in that order of precedence."""
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import yaml
 
 from .errors import QSVDError
 from .methods import METHODS, AdapterSpec
+from .methods.lorasb import GRAD_SAMPLES
 from .split import make_spec
 
 
@@ -23,7 +25,10 @@ class FinetuneConfig:
     core_init: str = "normal"  # loraxs/edora: "normal" (σ = 1e-5) or "zeros"
     refine_iters: int = 0  # pissa: quantization-aware refinement iterations
     svd_niter: int | None = None  # top-r SVD: randomized with this many power iterations; default exact
-    grad_samples: int = 50  # lorasb: rows for the gradient estimate
+    task_type: str = "math"  # "math" or "commonsense": sets lorasb's default --grad-samples
+    grad_samples: int | None = None  # lorasb: rows for the gradient estimate (default: 50 math, 170 commonsense)
+    grad_mem_budget: str | None = None  # lorasb: e.g. "2GB" of gradients at a time (default: half the free memory)
+    grad_sketch: bool = False  # lorasb: one pass with a rank-(2r+1) sketch of each gradient instead
     data: str | None = None  # default: built-in arithmetic word problems
     max_steps: int | None = None
     epochs: float | None = None  # default: 1 when max_steps is not set
@@ -79,10 +84,21 @@ class FinetuneConfig:
                 raise QSVDError(f"--{flag} must be positive, got {value}")
         if self.max_steps is not None and self.epochs is not None:
             raise QSVDError("give --max-steps or --epochs, not both")
+        if self.task_type not in GRAD_SAMPLES:
+            raise QSVDError(f"--task-type must be one of {', '.join(GRAD_SAMPLES)}, got {self.task_type!r}")
+        self.grad_budget_bytes  # parses --grad-mem-budget
 
     def spec(self) -> AdapterSpec:
         return make_spec(self.method, self.rank, self.alpha, self.bits, dropout=self.dropout,
                          core_init=self.core_init, refine_iters=self.refine_iters, svd_niter=self.svd_niter)
+
+    @property
+    def gradient_samples(self) -> int:
+        return self.grad_samples or GRAD_SAMPLES[self.task_type]
+
+    @property
+    def grad_budget_bytes(self) -> int | None:
+        return None if self.grad_mem_budget is None else parse_size(self.grad_mem_budget, "--grad-mem-budget")
 
     @property
     def learning_rate(self) -> float:
@@ -98,4 +114,12 @@ class FinetuneConfig:
     def resolved(self) -> dict:
         """The config with every derived default filled in, as a run records it."""
         return self.to_dict() | {"alpha": self.spec().alpha, "lr": self.learning_rate,
-                                 "output": str(self.output_dir)}
+                                 "grad_samples": self.gradient_samples, "output": str(self.output_dir)}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'512MB', '4GB', '1.5GiB' → bytes (KB, MB, GB, TB and their KiB forms are all powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT])i?B\s*", str(text), re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise QSVDError(f"{flag} must be a positive size such as 512MB or 4GB, got {text!r}")
+    return int(float(match[1]) * 1024 ** ("KMGT".index(match[2].upper()) + 1))

@@ -1,6 +1,7 @@
 """The fine-tuning recipe, top to bottom: load → split + quantize → train → export."""
 
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .methods import METHODS
 from .methods.lorasb import init_from_gradients
 from .prepared import build_to_disk, lookup, obtain
 from .split import adapter_layers, default_device
-from .train import first_step_lr, peak_memory_mb, train
+from .train import first_step_lr, train
 
 
 
@@ -77,9 +78,9 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     model, prepared = obtain(files, config.spec(), config.targets, config.seed,
                              trust_remote_code=config.trust_remote_code)
     if METHODS[config.method].needs_gradient_init:
-        init_from_gradients(model, adapter_layers(model),
-                            first_batches(dataset, tokenizer, config.grad_samples, config.batch_size, config.seed),
-                            first_step_lr(config, len(dataset)))
+        batches = first_batches(dataset, tokenizer, config.gradient_samples, config.batch_size, config.seed)
+        init_from_gradients(model, adapter_layers(model), batches, first_step_lr(config, len(dataset)),
+                            config.grad_budget_bytes, config.grad_sketch)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # 4-5. train in a staging directory, then publish the finished run in one rename
@@ -91,6 +92,9 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
                   "model_fingerprint": files.fingerprint, "prepared_model": str(prepared),
                   "trainable_params": trainable,
                   "final_loss": outcome.final_loss, "train_seconds": outcome.seconds,
+                  "median_step_seconds": statistics.median(outcome.step_seconds or [float("nan")]),
+                  "setup_peak_memory_mb": outcome.setup_peak_memory_mb,
+                  "train_peak_memory_mb": outcome.train_peak_memory_mb,
                   "peak_memory_mb": outcome.peak_memory_mb}
         shutil.rmtree(stage / "trainer", ignore_errors=True)
         write_run(stage, model, record, outcome.log_history)
@@ -98,6 +102,6 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     summary = RunSummary(model, output, trainable, outcome.final_loss, time.perf_counter() - start,
-                         peak_memory_mb(model.device))
+                         outcome.peak_memory_mb)
     console.print(summary.line())
     return summary

@@ -221,11 +221,12 @@ def split_model(model: nn.Module, spec: AdapterSpec, targets: Iterable[str] | No
 def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha: float | None = None,
             targets: Iterable[str] | None = None, dropout: float = 0.0, core_init: str = "normal",
             refine_iters: int = 0, svd_niter: int | None = None, grad_batches: Sequence[dict] | None = None,
-            lr: float | None = None, device: torch.device | str | None = None,
-            progress: bool = True) -> nn.Module:
+            lr: float | None = None, grad_mem_budget: int | None = None, grad_sketch: bool = False,
+            device: torch.device | str | None = None, progress: bool = True) -> nn.Module:
     """Turn a loaded HF causal LM into a trainable qsvd model, in place.
 
-    lorasb also needs `grad_batches` (model inputs with labels) and the first step's `lr`.
+    lorasb also needs `grad_batches` (model inputs with labels) and the first step's `lr`;
+    `grad_mem_budget` (bytes) and `grad_sketch` choose how its gradients are gathered.
     """
     spec = make_spec(method, rank, alpha, bits, dropout=dropout, core_init=core_init,
                      refine_iters=refine_iters, svd_niter=svd_niter)
@@ -235,7 +236,7 @@ def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha:
                         "learning rate of its first step, lr=...")
     split_model(model, spec, targets, device, progress=progress)
     if needs_gradients:
-        init_from_gradients(model, adapter_layers(model), grad_batches, lr)
+        init_from_gradients(model, adapter_layers(model), grad_batches, lr, grad_mem_budget, grad_sketch)
     return model
 
 

@@ -6,7 +6,7 @@ import torch
 import qsvd
 from qsvd import quantize
 from qsvd.methods import METHODS
-from qsvd.methods.lorasb import estimate_gradients
+from qsvd.methods.lorasb import estimate_gradients, init_from_gradients, layer_groups
 from qsvd.split import adapter_state, find_targets
 from conftest import tiny_model
 
@@ -199,6 +199,56 @@ def test_lorasb_core_is_best_rank_r_of_sign_step(bits):
         assert torch.allclose(layer.lora_B.T @ layer.lora_B, eye, atol=1e-5)
         assert torch.allclose(layer.lora_A @ layer.lora_A.T, eye, atol=1e-5)
         assert torch.count_nonzero(layer.core - torch.diag(torch.diagonal(layer.core))) == 0
+
+
+def lorasb_factors(model):
+    return {name: (layer.lora_B.clone(), layer.core.clone(), layer.lora_A.clone())
+            for name, layer in adapter_layers(model).items()}
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_lorasb_grouped_estimate_equals_all_at_once(bits):
+    """One layer a group (the batches run 8 times) gives the factors of one pass over all layers."""
+    everything, grouped = lorasb_at_base(bits), lorasb_at_base(bits)
+    layers = adapter_layers(grouped)
+    one_layer = min(4 * l.out_features * l.in_features for l in layers.values())
+    assert len(layer_groups(layers, one_layer)) == len(layers)
+    init_from_gradients(everything, adapter_layers(everything), [BATCH, BATCH], 1e-3, budget_bytes=2**40)
+    init_from_gradients(grouped, layers, [BATCH, BATCH], 1e-3, budget_bytes=one_layer)
+    for name, (B, R, A) in lorasb_factors(everything).items():
+        B2, R2, A2 = lorasb_factors(grouped)[name]
+        assert torch.allclose(B @ R @ A, B2 @ R2 @ A2, atol=1e-7), name
+        assert R.abs().max() > 0
+
+
+def test_layer_groups_fit_the_budget():
+    layers = adapter_layers(lorasb_at_base(16))
+    sizes = {name: 4 * l.out_features * l.in_features for name, l in layers.items()}
+    budget = 3 * max(sizes.values())
+    groups = layer_groups(layers, budget)
+    assert [name for group in groups for name in group] == list(layers)  # every layer once, in order
+    assert all(sum(sizes[name] for name in group) <= budget for group in groups)
+    assert 1 < len(groups) < len(layers)
+
+
+def test_lorasb_sketch_is_exact_for_low_rank_gradients():
+    """With 4 tokens G has rank ≤ 4 < k = 2r + 1, so the single-pass sketch recovers G."""
+    model = lorasb_at_base(16)
+    short = {"input_ids": IDS[:1, :4], "labels": IDS[:1, :4]}
+    dense = estimate_gradients(model, adapter_layers(model), [short])
+    sketched = estimate_gradients(model, adapter_layers(model), [short], sketch=True)
+    for name, grad in dense.items():
+        assert torch.linalg.norm(sketched[name] - grad) <= 1e-4 * torch.linalg.norm(grad), name
+
+
+def test_lorasb_sketch_approximates_full_rank_gradients():
+    model = lorasb_at_base(16)
+    dense = estimate_gradients(model, adapter_layers(model), [BATCH])
+    sketched = estimate_gradients(model, adapter_layers(model), [BATCH], sketch=True)
+    for name, grad in dense.items():
+        tail = torch.linalg.norm(torch.linalg.svdvals(grad)[RANK:])  # ‖G − best rank-r of G‖
+        # Tropp et al. 2017, Thm 4.3 with k = 2r + 1: E‖G − Ĝ‖² ≤ 4·tail² (up to the Ψ factor)
+        assert torch.linalg.norm(sketched[name] - grad) <= 2 * tail, name
 
 
 def test_lorasb_starts_away_from_base():

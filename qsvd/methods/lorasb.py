@@ -7,6 +7,7 @@
 The base W is not modified, so the model starts one approximate full step away from it.
 """
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,7 @@ from rich.progress import track
 from torch import nn
 
 from .. import svd
+from ..console import console
 from .loraxs import LoRAXSLayer
 
 
@@ -35,28 +37,72 @@ class LoRASBLayer(LoRAXSLayer):
                 "lora_A": weight.new_zeros(spec.rank, in_features)}
 
     @torch.no_grad()
-    def init_from_update(self, update: torch.Tensor) -> None:
-        """B, R, A from the top-r SVD of the estimated full fine-tuning update ΔW."""
-        u, s, vh = svd.top_triplets(update, self.spec.rank, self.spec.svd_niter)
+    def set_factors(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
+        """B = U_r, R = diag(S_r), A = V_rᵀ from the top-r SVD of the estimated update ΔW."""
         self.lora_B.copy_(u)
         self.core.copy_(torch.diag(s))
         self.lora_A.copy_(vh)
 
 
+GRAD_SAMPLES = {"math": 50, "commonsense": 170}  # rows for the estimate, as in the official code
+SKETCH_SEED = 0
+
+
+class DenseGradient:
+    """G = Σ_tokens g xᵀ, held in full (out × in fp32)."""
+
+    def __init__(self, layer: LoRASBLayer):
+        self.sum = torch.zeros(layer.out_features, layer.in_features, device=layer.core.device)
+
+    def add(self, g: torch.Tensor, x: torch.Tensor) -> None:
+        self.sum.addmm_(g.T, x)
+
+    def value(self) -> torch.Tensor:
+        return self.sum
+
+
+class SketchedGradient:
+    """A single-pass sketch of G (Tropp et al. 2017): Y = G Ω and Z = Ψ G, with k = 2r + 1 and
+    l = 2k + 1 Gaussian test vectors; Ĝ = Q (Ψ Q)⁺ Z with Q = orth(Y) is G's rank-k approximation.
+
+    It holds (out·k + l·in) numbers instead of out·in, so every layer fits in one pass; the sign
+    step is then taken of Ĝ, which equals G where G has rank ≤ k and approximates it elsewhere.
+    """
+
+    def __init__(self, layer: LoRASBLayer, generator: torch.Generator):
+        k = 2 * layer.spec.rank + 1
+        device = layer.core.device
+        self.omega = torch.randn(layer.in_features, k, generator=generator).to(device)
+        self.psi = torch.randn(2 * k + 1, layer.out_features, generator=generator).to(device)
+        self.range = torch.zeros(layer.out_features, k, device=device)  # Y = G Ω
+        self.corange = torch.zeros(2 * k + 1, layer.in_features, device=device)  # Z = Ψ G
+
+    def add(self, g: torch.Tensor, x: torch.Tensor) -> None:
+        self.range.addmm_(g.T, x @ self.omega)
+        self.corange.addmm_((g @ self.psi.T).T, x)
+
+    def value(self) -> torch.Tensor:
+        q = torch.linalg.qr(self.range.double()).Q
+        core = torch.linalg.lstsq(self.psi.double() @ q, self.corange.double()).solution
+        return (q @ core).float()
+
+
 def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
-                       batches: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """G = Σ_batches ∂L/∂W for each layer, as Σ_tokens g xᵀ from forward and tensor hooks."""
-    grads = {name: torch.zeros(layer.out_features, layer.in_features, device=layer.core.device)
-             for name, layer in layers.items()}
+                       batches: Sequence[dict[str, torch.Tensor]], sketch: bool = False,
+                       description: str = "lorasb gradient estimate") -> dict[str, torch.Tensor]:
+    """G = Σ_batches ∂L/∂W for each of `layers`, as Σ_tokens g xᵀ from forward and tensor hooks
+    (so the base may stay 4-bit); with `sketch`, each layer's single-pass rank-k sketch Ĝ."""
+    if sketch:
+        generator = torch.Generator().manual_seed(SKETCH_SEED)
+        accumulators = {name: SketchedGradient(layer, generator) for name, layer in layers.items()}
+    else:
+        accumulators = {name: DenseGradient(layer) for name, layer in layers.items()}
 
     def capture(name):
         def hook(module, inputs, output):
             x = inputs[0].detach().reshape(-1, module.in_features).float()
-
-            def accumulate(g):
-                grads[name].addmm_(g.reshape(-1, module.out_features).float().T, x)
-
-            output.register_hook(accumulate)
+            output.register_hook(
+                lambda g: accumulators[name].add(g.reshape(-1, module.out_features).float(), x))
         return hook
 
     handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
@@ -66,7 +112,7 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
     model.eval()  # no dropout in the estimate
     device = next(iter(layers.values())).core.device
     try:
-        for batch in track(batches, description="lorasb gradient estimate", total=len(batches)):
+        for batch in track(batches, description=description, total=len(batches), console=console):
             model(**{key: value.to(device) for key, value in batch.items()}).loss.backward()
     finally:
         for handle in handles + [embedding_hook]:
@@ -74,11 +120,58 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
         model.train(was_training)
         for layer in layers.values():
             layer.core.grad = None
-    return grads
+    return {name: accumulator.value() for name, accumulator in accumulators.items()}
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory where the gradients will live: the GPU's, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable")) * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def layer_groups(layers: dict[str, LoRASBLayer], budget_bytes: int) -> list[list[str]]:
+    """Consecutive layers whose fp32 gradients (4·out·in bytes each) fit in the budget together;
+    a layer larger than the budget forms a group of its own."""
+    groups, used = [[]], 0
+    for name, layer in layers.items():
+        size = 4 * layer.out_features * layer.in_features
+        if groups[-1] and used + size > budget_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
 
 
 def init_from_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
-                        batches: Sequence[dict[str, torch.Tensor]], lr: float) -> None:
-    """Set every layer's B, R, A from ΔW = −lr·sign(G)."""
-    for name, grad in estimate_gradients(model, layers, batches).items():
-        layers[name].init_from_update(-lr * torch.sign(grad))
+                        batches: Sequence[dict[str, torch.Tensor]], lr: float,
+                        budget_bytes: int | None = None, sketch: bool = False) -> None:
+    """Set every layer's B, R, A from ΔW = −lr·sign(G).
+
+    G is taken at the base model for every layer: one group of layers at a time within
+    `budget_bytes` of gradients (default: half the free memory), the batches repeated for each
+    group, and the factors set only once all groups are done; or, with `sketch`, one pass.
+    """
+    device = next(iter(layers.values())).core.device
+    if sketch:
+        groups = [list(layers)]
+    else:
+        budget_bytes = budget_bytes or free_memory_bytes(device) // 2
+        groups = layer_groups(layers, budget_bytes)
+        if len(groups) > 1:
+            console.print(f"lorasb: gradients of {len(layers)} layers in {len(groups)} groups within "
+                          f"{budget_bytes / 2**20:,.0f} MB; the {len(batches)} batches run once per group")
+    factors = {}
+    for index, group in enumerate(groups, 1):
+        description = "lorasb gradient estimate" + (f", group {index}/{len(groups)}" if len(groups) > 1 else "")
+        grads = estimate_gradients(model, {name: layers[name] for name in group}, batches, sketch, description)
+        for name in group:
+            factors[name] = svd.top_triplets(-lr * torch.sign(grads.pop(name)), layers[name].spec.rank,
+                                             layers[name].spec.svd_niter)
+    for name, (u, s, vh) in factors.items():
+        layers[name].set_factors(u, s, vh)

@@ -1,0 +1,190 @@
+"""Training-step time and memory: every qsvd method against PEFT's QLoRA and QDoRA, side by side.
+
+All runs train SmolLM2-135M (the embedded model, written here once as safetensors so that
+both stacks read the same files) with a 4-bit NF4 frozen base, rank 16 on all seven
+projections, batch 4 × 256 tokens, gradient checkpointing, paged 8-bit AdamW, the same data
+and the same Trainer arguments (qsvd's). The peers are built and trained the standard PEFT
+way: `from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant))`,
+`prepare_model_for_kbit_training`, `get_peft_model(LoraConfig(r=16, use_dora=...))`, and
+transformers' own `Trainer` (qsvd trains with its `SupervisedTokensTrainer`).
+
+Each run is a fresh process. Figures: the median wall time of the steps after warm-up, the
+peak memory of the training phase (peak RSS on CPU, torch.cuda.max_memory_allocated on a
+GPU), the setup peak (load, split, quantize, LoRA-SB's gradient estimate) and the trainable
+parameters. The last line printed is one JSON object with the ratios to the peers.
+
+    python benchmarks/train_step.py [--quick] [--workdir DIR] [--methods edora,qlora,...]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+QSVD_METHODS = ["lora", "dora", "pissa", "milora", "loraxs", "edora", "lorasb"]
+PEERS = {"qlora": False, "qdora": True}  # name → use_dora
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK, BATCH, SEQ_LEN = 16, 4, 256
+PROBLEMS_PER_ROW = 3  # built-in word problems joined into one row of about 230-250 tokens
+
+
+def write_model(path: Path) -> None:
+    """The embedded SmolLM2-135M as bf16 safetensors, readable by both stacks."""
+    if (path / "config.json").is_file():
+        return
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qsvd.load import embedded_gguf
+
+    gguf = embedded_gguf()
+    print(f"writing {gguf.name} as safetensors to {path} ...", file=sys.stderr, flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
+
+
+def write_data(path: Path, rows: int) -> None:
+    """Rows of several of qsvd's built-in word problems each, so that batches are ~SEQ_LEN long."""
+    from qsvd.data import synthetic_arithmetic
+
+    problems = synthetic_arithmetic(rows * PROBLEMS_PER_ROW, seed=0)
+    with open(path, "w") as out:
+        for start in range(0, len(problems), PROBLEMS_PER_ROW):
+            chunk = problems[start:start + PROBLEMS_PER_ROW]
+            out.write(json.dumps({"question": " ".join(chunk["question"]),
+                                  "answer": "\n".join(chunk["answer"])}) + "\n")
+
+
+def peer_model(model_path: str, use_dora: bool):
+    """QLoRA or QDoRA, built the standard PEFT way."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qsvd.split import compute_dtype, default_device
+
+    device = default_device()
+    dtype = compute_dtype(device)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization, dtype=dtype,
+                                                 device_map=device.type)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    config = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=TARGETS,
+                        use_dora=use_dora, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def run_peer(name: str, args) -> dict:
+    from qsvd.config import FinetuneConfig
+    from qsvd.data import build_dataset
+    from qsvd.load import load_tokenizer, resolve_model
+    from qsvd.train import train
+    from transformers import Trainer
+
+    config = FinetuneConfig.resolve(model=args.model, method="lora", rank=RANK, data=args.data,
+                                    seq_len=SEQ_LEN, batch_size=BATCH, max_steps=args.warmup + args.steps)
+    tokenizer = load_tokenizer(resolve_model(args.model), False)
+    dataset = build_dataset(config.data, tokenizer, config.seq_len, config.seed)
+    model = peer_model(args.model, PEERS[name])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with tempfile.TemporaryDirectory() as work:
+        outcome = train(model, tokenizer, dataset, config, Path(work), trainer_class=Trainer)
+    return {"step_seconds": outcome.step_seconds, "train_peak_mb": outcome.train_peak_memory_mb,
+            "setup_peak_mb": outcome.setup_peak_memory_mb, "trainable": trainable}
+
+
+def run_qsvd(method: str, args) -> dict:
+    import qsvd
+
+    with tempfile.TemporaryDirectory() as output:
+        qsvd.finetune(model=args.model, method=method, rank=RANK, bits=4, targets=TARGETS, data=args.data,
+                      seq_len=SEQ_LEN, batch_size=BATCH, max_steps=args.warmup + args.steps,
+                      output=output, overwrite=True)
+        record = json.loads((Path(output) / "qsvd_config.json").read_text())
+        log = [json.loads(line) for line in (Path(output) / "train_log.jsonl").read_text().splitlines()]
+    return {"step_seconds": [entry["step_seconds"] for entry in log if "step_seconds" in entry],
+            "train_peak_mb": record["train_peak_memory_mb"], "setup_peak_mb": record["setup_peak_memory_mb"],
+            "trainable": record["trainable_params"]}
+
+
+def child(args) -> None:
+    figures = run_peer(args.child, args) if args.child in PEERS else run_qsvd(args.child, args)
+    print(json.dumps(figures))
+
+
+def measure(name: str, args, log: Path) -> dict:
+    command = [sys.executable, __file__, "--child", name, "--model", args.model, "--data", args.data,
+               "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    print(f"running {name} ...", file=sys.stderr, flush=True)
+    with open(log, "w") as stderr:
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{name} failed (exit {result.returncode}); its log:\n{log.read_text()[-3000:]}")
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    timed = figures["step_seconds"][args.warmup:]
+    figures["median_s"] = statistics.median(timed)
+    print(f"  {name}: median step {figures['median_s']:.2f} s over {len(timed)} steps, "
+          f"training peak {figures['train_peak_mb']:,.0f} MB", file=sys.stderr, flush=True)
+    return figures
+
+
+def report(results: dict[str, dict]) -> dict:
+    qlora, qdora = results["qlora"], results["qdora"]
+    print(f"\n{'run':<8}{'trainable':>12}{'step s':>9}{'÷ QLoRA':>9}{'÷ QDoRA':>9}"
+          f"{'train peak MB':>15}{'÷ QLoRA':>9}{'setup peak MB':>15}")
+    for name, figures in results.items():
+        print(f"{name:<8}{figures['trainable']:>12,}{figures['median_s']:>9.2f}"
+              f"{figures['median_s'] / qlora['median_s']:>9.3f}{figures['median_s'] / qdora['median_s']:>9.3f}"
+              f"{figures['train_peak_mb']:>15,.0f}{figures['train_peak_mb'] / qlora['train_peak_mb']:>9.3f}"
+              f"{figures['setup_peak_mb']:>15,.0f}")
+    summary = {}
+    for name, figures in results.items():
+        if name not in PEERS:
+            summary[f"{name}_vs_qlora_time"] = round(figures["median_s"] / qlora["median_s"], 3)
+            summary[f"{name}_vs_qdora_time"] = round(figures["median_s"] / qdora["median_s"], 3)
+            summary[f"{name}_vs_qlora_mem"] = round(figures["train_peak_mb"] / qlora["train_peak_mb"], 3)
+    summary |= {f"{name}_step_s": round(figures["median_s"], 3) for name, figures in results.items()}
+    summary |= {f"{name}_train_peak_mb": round(figures["train_peak_mb"]) for name, figures in results.items()}
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed steps instead of 2 and 6")
+    parser.add_argument("--methods", default=",".join(QSVD_METHODS),
+                        help="qsvd methods to run (the peers always run)")
+    parser.add_argument("--workdir", help="where to keep the model copy, data and prepared models; "
+                                          "default: a temp dir")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    args.warmup, args.steps = (1, 2) if args.quick else (2, 6)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        os.environ["QSVD_CACHE"] = str(work / "cache")  # prepared models are made once, outside the timing
+        args.model, args.data = str(work / "smollm2-135m"), str(work / "data.jsonl")
+        write_model(Path(args.model))
+        write_data(Path(args.data), rows=BATCH * (args.warmup + args.steps) * 2)
+        results = {name: measure(name, args, work / f"{name}.log")
+                   for name in [*PEERS, *args.methods.split(",")]}
+        summary = report(results)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""The training stage: qsvd's loss equals the model's own, and its step clock and peaks."""
+
+import copy
+
+import pytest
+import torch
+from transformers import Trainer
+
+import qsvd
+from qsvd.config import FinetuneConfig
+from qsvd.data import build_dataset
+from qsvd.split import adapter_state
+from qsvd.train import SupervisedTokensTrainer, supervised_loss, train
+from conftest import char_tokenizer, tiny_model
+
+
+def test_supervised_loss_equals_the_models_loss():
+    model = tiny_model()
+    ids = torch.randint(4, 100, (3, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :6] = -100  # a prompt
+    labels[1, 10:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    inputs = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    expected = model(**inputs).loss
+    assert torch.allclose(supervised_loss(model, inputs), expected, rtol=1e-6)
+    assert torch.allclose(supervised_loss(model, inputs, num_items=20), expected * (labels[:, 1:] != -100).sum() / 20,
+                          rtol=1e-6)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_supervised_tokens_trainer_trains_as_trainer_does(grad_accum, tmp_path):
+    """Two optimizer steps with qsvd's trainer and with transformers' land on the same adapter."""
+    tokenizer = char_tokenizer()
+    config = FinetuneConfig.resolve(method="lora", batch_size=2, grad_accum=grad_accum, max_steps=2,
+                                    seq_len=512, lr=1e-2, warmup_ratio=0.0, optim="adamw_torch")
+    dataset = build_dataset(None, tokenizer, config.seq_len, config.seed)
+    model = qsvd.prepare(tiny_model(), "lora", bits=16, rank=4, device="cpu", progress=False)
+    ours, theirs = model, copy.deepcopy(model)
+    initial = {name: tensor.clone() for name, tensor in adapter_state(model).items()}
+    ours_outcome = train(ours, tokenizer, dataset, config, tmp_path / "ours")
+    theirs_outcome = train(theirs, tokenizer, dataset, config, tmp_path / "theirs", trainer_class=Trainer)
+    assert ours_outcome.final_loss == pytest.approx(theirs_outcome.final_loss, rel=1e-5)
+    for name, tensor in adapter_state(theirs).items():
+        assert torch.allclose(adapter_state(ours)[name], tensor, rtol=1e-4, atol=1e-6), name
+    assert not torch.equal(adapter_state(ours)["model.layers.0.self_attn.q_proj.lora_B"],
+                           initial["model.layers.0.self_attn.q_proj.lora_B"])  # it trained
+    assert len(ours_outcome.step_seconds) == 2 and all(s > 0 for s in ours_outcome.step_seconds)
+    assert [e["step_seconds"] for e in ours_outcome.log_history if "loss" in e] == \
+        [round(s, 4) for s in ours_outcome.step_seconds]
+    assert ours_outcome.train_peak_memory_mb > 0 and ours_outcome.setup_peak_memory_mb > 0

@@ -64,7 +64,6 @@ def write_data(path: Path, rows: int) -> None:
 
 def peer_model(model_path: str, use_dora: bool):
     """QLoRA or QDoRA, built the standard PEFT way."""
-    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

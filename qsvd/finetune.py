@@ -20,7 +20,7 @@ from .methods import METHODS
 from .methods.lorasb import init_from_gradients
 from .prepared import build_to_disk, lookup, obtain
 from .split import adapter_layers, default_device
-from .train import first_step_lr, train
+from .train import CHECKPOINTING, first_step_lr, train
 
 
 
@@ -78,6 +78,8 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     model, prepared = obtain(files, config.spec(), config.targets, config.seed,
                              trust_remote_code=config.trust_remote_code)
     if METHODS[config.method].needs_gradient_init:
+        if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         batches = first_batches(dataset, tokenizer, config.gradient_samples, config.batch_size, config.seed)
         init_from_gradients(model, adapter_layers(model), batches, first_step_lr(config, len(dataset)),
                             config.grad_budget_bytes, config.grad_sketch)

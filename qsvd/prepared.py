@@ -29,10 +29,10 @@ from torch import nn
 from . import __version__, quantize
 from .console import console
 from .load import ModelFiles, SafetensorsWeights, atomic_dir, cache_dir, empty_model, open_weights
+from .memory import return_freed_memory
 from .methods import METHODS, AdapterLayer, AdapterSpec
 from .split import (QuantizationReport, adapter_layers, check_rank, compute_dtype, default_device, find_targets,
-                    layer_splitter, load_non_targets, replace_layers, return_freed_memory, split_model,
-                    target_tensors)
+                    layer_splitter, load_non_targets, replace_layers, split_model, target_tensors)
 
 SHARD_BYTES = 256 * 2**20
 MANIFEST_FILE = "manifest.json"

@@ -6,7 +6,6 @@ the next layer is touched. Streaming from the checkpoint, the peak is the final 
 model plus a few fp32 copies of the largest layer.
 """
 
-import ctypes
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +18,7 @@ from . import quantize
 from .console import console
 from .errors import QSVDError
 from .load import load_tensors
+from .memory import return_freed_memory
 from .methods import METHODS, AdapterLayer, AdapterSpec
 from .methods.lorasb import init_from_gradients
 
@@ -61,23 +61,6 @@ def check_rank(linears: dict[str, nn.Linear], rank: int) -> None:
             raise QSVDError(f"--rank {rank} is larger than min(out, in) = "
                             f"{min(linear.out_features, linear.in_features)} of layer {name} "
                             f"({linear.out_features} × {linear.in_features}); use a smaller --rank")
-
-
-def _load_libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to trim
-        return None
-
-
-LIBC = _load_libc()
-
-
-def return_freed_memory() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps it otherwise, and the fp32 copies of
-    successive layers fragment the heap until the RSS reaches the size of the fp32 model."""
-    if LIBC is not None:
-        LIBC.malloc_trim(0)
 
 
 def replace_layers(model: nn.Module, spec: AdapterSpec, linears: dict[str, nn.Linear],

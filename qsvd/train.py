@@ -1,19 +1,18 @@
 """Stage 4: train the adapters with transformers' Trainer (paged 8-bit AdamW, checkpointing on)."""
 
 import math
-import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from .config import FinetuneConfig
-from .data import IGNORE_INDEX, collator
+from .data import collator
+from .loss import plain_logits, supervised_loss
+from .memory import peak_memory_mb, reset_peak_memory
 from .split import compute_dtype
 
 
@@ -31,6 +30,9 @@ class TrainOutcome:
         return max(self.setup_peak_memory_mb, self.train_peak_memory_mb)
 
 
+CHECKPOINTING = {"use_reentrant": False}
+
+
 def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtype) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(work_dir),
@@ -43,7 +45,7 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
         warmup_steps=config.warmup_ratio,  # below 1: a fraction of the total steps
         optim=config.optim,
         activation_checkpointing=config.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing_kwargs=CHECKPOINTING,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         logging_steps=config.logging_steps,
@@ -66,18 +68,6 @@ def first_step_lr(config: FinetuneConfig, rows: int) -> float:
     return config.learning_rate / warmup if warmup else config.learning_rate
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: torch's allocator statistics on CUDA; VmHWM via /proc/self/clear_refs on Linux."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        pass  # elsewhere the peak stays the process's
-
-
 class StepClock(TrainerCallback):
     """Times each optimizer step and adds the last one to the logged loss entries as `step_seconds`."""
 
@@ -94,46 +84,6 @@ class StepClock(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.step_seconds and state.log_history and "loss" in state.log_history[-1]:
             state.log_history[-1]["step_seconds"] = round(self.step_seconds[-1], 4)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory on CUDA; the process's peak RSS on CPU.
-
-    On Linux the peak RSS is VmHWM: getrusage's ru_maxrss survives fork + exec, so a child of
-    a big process would report its parent's peak.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
-
-
-def supervised_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor],
-                    num_items: torch.Tensor | int | None = None) -> torch.Tensor:
-    """The causal-LM loss, Σ CE(lm_head(h_t), y_{t+1}) / N, with vocabulary logits computed only
-    at the positions whose next token carries loss (not at prompt or padding tokens).
-
-    The logits are the largest tensors of a step (tokens × vocab); the model's own loss computes
-    them everywhere. N is `num_items` (the accumulated batch's count, as Trainer passes it) or
-    this batch's count of supervised tokens.
-    """
-    hidden = model.get_decoder()(input_ids=inputs["input_ids"],
-                                 attention_mask=inputs.get("attention_mask")).last_hidden_state
-    targets = inputs["labels"][:, 1:]
-    supervised = targets != IGNORE_INDEX
-    logits = model.get_output_embeddings()(hidden[:, :-1][supervised]).float()
-    loss = F.cross_entropy(logits, targets[supervised], reduction="sum")
-    return loss / (num_items if num_items is not None else supervised.sum().clamp_min(1))
-
-
-def plain_logits(model: PreTrainedModel) -> bool:
-    """Whether the model's logits are lm_head(hidden) with nothing after (no soft-capping or scaling)."""
-    config = model.config
-    return (model.get_output_embeddings() is not None and
-            not any(getattr(config, key, None) for key in ("final_logit_softcapping", "logit_scale", "logits_scaling")))
 
 
 class SupervisedTokensTrainer(Trainer):

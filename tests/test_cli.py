@@ -1,6 +1,7 @@
 """`qsvd finetune` end to end on a tiny model, and a clear one-line error for every bad flag."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,22 @@ def test_method_default_lr_differs_for_core_methods():
     assert "lr: 0.0002" in lora and "lr: 0.002" in edora
 
 
+def test_lorasb_grad_samples_follow_the_task_type():
+    assert "grad_samples: 50" in run("--method", "lorasb", "--dry-run").output
+    assert "grad_samples: 170" in run("--method", "lorasb", "--task-type", "commonsense", "--dry-run").output
+    assert "grad_samples: 8" in run("--method", "lorasb", "--task-type", "commonsense", "--grad-samples", 8,
+                                    "--dry-run").output
+
+
+def test_lorasb_budget_splits_the_estimate_into_groups(tiny_model_dir, tmp_path):
+    """A 40 KB budget holds two or three of the tiny model's 16-32 KB gradients at a time."""
+    result = run(*tiny_args(tiny_model_dir, tmp_path / "run", "--method", "lorasb", "--max-steps", 1,
+                            "--grad-samples", 8, "--grad-mem-budget", "40KB"))
+    assert result.exit_code == 0, result.output
+    groups = re.search(r"lorasb: gradients of 14 layers in (\d+) groups within 0.03906 MB", result.output)
+    assert groups and int(groups[1]) >= 7, result.output
+
+
 def test_existing_output_is_kept_without_overwrite(tiny_model_dir, tmp_path):
     output = tmp_path / "run"
     output.mkdir()
@@ -95,6 +112,9 @@ BAD_FLAGS = [
     (["--method", "lorasb", "--alpha", 16], "lorasb fixes the scale s = 1"),
     (["--method", "lora", "--refine-iters", 2], "--refine-iters takes a count ≥ 0 and applies to pissa only"),
     (["--method", "milora", "--svd-niter", 2], "--svd-niter takes a count ≥ 0 and applies to the methods"),
+    (["--method", "lorasb", "--grad-mem-budget", "lots"], "--grad-mem-budget must be a positive size such as 512MB"),
+    (["--method", "lorasb", "--grad-mem-budget", "0GB"], "--grad-mem-budget must be a positive size"),
+    (["--method", "lorasb", "--grad-samples", 0], "--grad-samples must be positive"),
 ]
 
 

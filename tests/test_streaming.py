@@ -84,7 +84,7 @@ MEMORY_PROBE = textwrap.dedent("""
     import torch
     from qsvd.load import empty_model, open_weights, resolve_model
     from qsvd.split import adapter_layers, make_spec, split_model
-    from qsvd.train import peak_memory_mb
+    from qsvd.memory import peak_memory_mb
 
     def rss_mb():
         with open("/proc/self/status") as status:

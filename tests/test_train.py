@@ -10,7 +10,7 @@ import qsvd
 from qsvd.config import FinetuneConfig
 from qsvd.data import build_dataset
 from qsvd.split import adapter_state
-from qsvd.train import SupervisedTokensTrainer, supervised_loss, train
+from qsvd.train import supervised_loss, train
 from conftest import char_tokenizer, tiny_model
 
 

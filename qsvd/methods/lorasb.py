@@ -7,7 +7,6 @@
 The base W is not modified, so the model starts one approximate full step away from it.
 """
 
-import os
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +15,8 @@ from torch import nn
 
 from .. import svd
 from ..console import console
+from ..loss import plain_logits, supervised_loss
+from ..memory import free_memory_bytes, return_freed_memory
 from .loraxs import LoRAXSLayer
 
 
@@ -109,11 +110,15 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
     embedding_hook = model.get_input_embeddings().register_forward_hook(
         lambda module, inputs, output: output.requires_grad_(True))
     was_training = model.training
-    model.eval()  # no dropout in the estimate
+    model.eval()  # no dropout in the estimate ...
+    checkpointed = [module for module in model.modules() if getattr(module, "gradient_checkpointing", False)]
+    for module in checkpointed:
+        module.training = True  # ... but layers with gradient checkpointing on recompute, as in training
+    loss = supervised_loss if plain_logits(model) else (lambda model, batch: model(**batch).loss)
     device = next(iter(layers.values())).core.device
     try:
         for batch in track(batches, description=description, total=len(batches), console=console):
-            model(**{key: value.to(device) for key, value in batch.items()}).loss.backward()
+            loss(model, {key: value.to(device) for key, value in batch.items()}).backward()
     finally:
         for handle in handles + [embedding_hook]:
             handle.remove()
@@ -121,17 +126,6 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
         for layer in layers.values():
             layer.core.grad = None
     return {name: accumulator.value() for name, accumulator in accumulators.items()}
-
-
-def free_memory_bytes(device: torch.device) -> int:
-    """Free memory where the gradients will live: the GPU's, or the host's MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as meminfo:
-            return next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable")) * 1024
-    except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def layer_groups(layers: dict[str, LoRASBLayer], budget_bytes: int) -> list[list[str]]:
@@ -165,7 +159,7 @@ def init_from_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
         groups = layer_groups(layers, budget_bytes)
         if len(groups) > 1:
             console.print(f"lorasb: gradients of {len(layers)} layers in {len(groups)} groups within "
-                          f"{budget_bytes / 2**20:,.0f} MB; the {len(batches)} batches run once per group")
+                          f"{budget_bytes / 2**20:,.4g} MB; the {len(batches)} batches run once per group")
     factors = {}
     for index, group in enumerate(groups, 1):
         description = "lorasb gradient estimate" + (f", group {index}/{len(groups)}" if len(groups) > 1 else "")
@@ -173,5 +167,6 @@ def init_from_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
         for name in group:
             factors[name] = svd.top_triplets(-lr * torch.sign(grads.pop(name)), layers[name].spec.rank,
                                              layers[name].spec.svd_niter)
+        return_freed_memory()
     for name, (u, s, vh) in factors.items():
         layers[name].set_factors(u, s, vh)

@@ -1,0 +1,63 @@
+"""Memory: peaks to report, free memory to plan with, and freed heap handed back to the OS."""
+
+import ctypes
+import os
+import resource
+import sys
+
+import torch
+
+
+def _load_libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to trim
+        return None
+
+
+LIBC = _load_libc()
+
+
+def return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps it otherwise, and the fp32 copies of
+    successive layers fragment the heap until the RSS reaches the size of the fp32 model."""
+    if LIBC is not None:
+        LIBC.malloc_trim(0)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory on CUDA; the process's peak RSS on CPU.
+
+    On Linux the peak RSS is VmHWM: getrusage's ru_maxrss survives fork + exec, so a child of
+    a big process would report its parent's peak.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: torch's allocator statistics on CUDA; VmHWM via /proc/self/clear_refs on Linux."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass  # elsewhere the peak stays the process's
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory where the gradients will live: the GPU's, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable")) * 1024
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -8,7 +8,9 @@ way: `from_pretrained(quantization_config=BitsAndBytesConfig(nf4, double quant))
 `prepare_model_for_kbit_training`, `get_peft_model(LoraConfig(r=16, use_dora=...))`, and
 transformers' own `Trainer` (qsvd trains with its `SupervisedTokensTrainer`).
 
-Each run is a fresh process. Figures: the median wall time of the steps after warm-up, the
+Each run is a fresh process, and every run is made once a round (two rounds, in alternating
+order; one with --quick), so that a drift in the machine's speed reaches all runs alike.
+Figures: the median wall time of the steps after warm-up over all rounds, the
 peak memory of the training phase (peak RSS on CPU, torch.cuda.max_memory_allocated on a
 GPU), the setup peak (load, split, quantize, LoRA-SB's gradient estimate) and the trainable
 parameters. The last line printed is one JSON object with the ratios to the peers.
@@ -120,6 +122,7 @@ def child(args) -> None:
 
 
 def measure(name: str, args, log: Path) -> dict:
+    """One fresh process of `name`: its timed steps (after warm-up), peaks and trainable params."""
     command = [sys.executable, __file__, "--child", name, "--model", args.model, "--data", args.data,
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
     print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -128,11 +131,24 @@ def measure(name: str, args, log: Path) -> dict:
     if result.returncode != 0:
         sys.exit(f"{name} failed (exit {result.returncode}); its log:\n{log.read_text()[-3000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    timed = figures["step_seconds"][args.warmup:]
-    figures["median_s"] = statistics.median(timed)
-    print(f"  {name}: median step {figures['median_s']:.2f} s over {len(timed)} steps, "
+    figures["timed_s"] = figures.pop("step_seconds")[args.warmup:]
+    print(f"  {name}: steps {', '.join(f'{s:.2f}' for s in figures['timed_s'])} s, "
           f"training peak {figures['train_peak_mb']:,.0f} MB", file=sys.stderr, flush=True)
     return figures
+
+
+def measure_rounds(names: list[str], args, work: Path) -> dict[str, dict]:
+    """Every run once a round, in alternating order, so that a drift in the machine's speed
+    reaches all of them alike; the median is over the timed steps of all rounds, the peaks the max."""
+    runs = {name: [] for name in names}
+    for index in range(args.rounds):
+        for name in names if index % 2 == 0 else reversed(names):
+            runs[name].append(measure(name, args, work / f"{name}-{index}.log"))
+    return {name: {"median_s": statistics.median(s for run in rounds for s in run["timed_s"]),
+                   "train_peak_mb": max(run["train_peak_mb"] for run in rounds),
+                   "setup_peak_mb": max(run["setup_peak_mb"] for run in rounds),
+                   "trainable": rounds[0]["trainable"]}
+            for name, rounds in runs.items()}
 
 
 def report(results: dict[str, dict]) -> dict:
@@ -152,12 +168,14 @@ def report(results: dict[str, dict]) -> dict:
             summary[f"{name}_vs_qlora_mem"] = round(figures["train_peak_mb"] / qlora["train_peak_mb"], 3)
     summary |= {f"{name}_step_s": round(figures["median_s"], 3) for name, figures in results.items()}
     summary |= {f"{name}_train_peak_mb": round(figures["train_peak_mb"]) for name, figures in results.items()}
+    summary |= {f"{name}_setup_peak_mb": round(figures["setup_peak_mb"]) for name, figures in results.items()}
     return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed steps instead of 2 and 6")
+    parser.add_argument("--quick", action="store_true", help="one round of 1 warm-up and 2 timed steps, "
+                                                             "instead of two rounds of 2 and 4")
     parser.add_argument("--methods", default=",".join(QSVD_METHODS),
                         help="qsvd methods to run (the peers always run)")
     parser.add_argument("--workdir", help="where to keep the model copy, data and prepared models; "
@@ -170,7 +188,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    args.warmup, args.steps = (1, 2) if args.quick else (2, 6)
+    args.rounds, args.warmup, args.steps = (1, 1, 2) if args.quick else (2, 2, 4)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
@@ -179,9 +197,7 @@ def main() -> None:
         args.model, args.data = str(work / "smollm2-135m"), str(work / "data.jsonl")
         write_model(Path(args.model))
         write_data(Path(args.data), rows=BATCH * (args.warmup + args.steps) * 2)
-        results = {name: measure(name, args, work / f"{name}.log")
-                   for name in [*PEERS, *args.methods.split(",")]}
-        summary = report(results)
+        summary = report(measure_rounds([*PEERS, *args.methods.split(",")], args, work))
     print(json.dumps(summary))
 
 

@@ -6,6 +6,8 @@ out × in weight: A's r rows ride along with the batch through the frozen 4-bit 
 gives P = deq(Q(W)) Aᵀ for the cost of r more tokens, and then
 
     n² = w + 2s·rowsum(P ⊙ B) + s²·rowsum((B G) ⊙ B),   G = A Aᵀ, w = ‖deq(Q(W))‖²_row (from init).
+
+At bits 8, P carries LLM.int8's row-wise input rounding, as the base output itself does.
 """
 
 import torch

@@ -101,9 +101,9 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
 
     def capture(name):
         def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, module.in_features).float()
-            output.register_hook(
-                lambda g: accumulators[name].add(g.reshape(-1, module.out_features).float(), x))
+            x = inputs[0].detach()  # kept until the backward pass, in the compute dtype
+            output.register_hook(lambda g: accumulators[name].add(g.reshape(-1, module.out_features).float(),
+                                                                  x.reshape(-1, module.in_features).float()))
         return hook
 
     handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]

@@ -1,6 +1,7 @@
 """Memory: peaks to report, free memory to plan with, and freed heap handed back to the OS."""
 
 import ctypes
+import gc
 import os
 import resource
 import sys
@@ -18,9 +19,12 @@ def _load_libc():
 LIBC = _load_libc()
 
 
-def return_freed_memory() -> None:
+def return_freed_memory(collect: bool = False) -> None:
     """Hand freed heap memory back to the OS. glibc keeps it otherwise, and the fp32 copies of
-    successive layers fragment the heap until the RSS reaches the size of the fp32 model."""
+    successive layers fragment the heap until the RSS reaches the size of the fp32 model.
+    `collect` first frees unreachable reference cycles (a full gc pass: not for every layer)."""
+    if collect:
+        gc.collect()
     if LIBC is not None:
         LIBC.malloc_trim(0)
 

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from .config import FinetuneConfig
 from .data import collator
 from .loss import plain_logits, supervised_loss
-from .memory import peak_memory_mb, reset_peak_memory
+from .memory import peak_memory_mb, reset_peak_memory, return_freed_memory
 from .split import compute_dtype
 
 
@@ -109,6 +109,7 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator(tokenizer),
                             processing_class=tokenizer, callbacks=[clock])
     setup_peak = peak_memory_mb(model.device)
+    return_freed_memory(collect=True)  # what setup left behind, so the training peak is training's own
     reset_peak_memory(model.device)
     start = time.perf_counter()
     trainer.train()

@@ -102,7 +102,8 @@ def main() -> None:
                       "train_peak_mb": round(record["train_peak_memory_mb"]),
                       "setup_peak_mb": round(record["setup_peak_memory_mb"]),
                       "median_step_s": round(record["median_step_seconds"], 3),
-                      "target_mb": 5000, "met": run.peak_memory_mb <= 5000}))
+                      "target_mb": 5000,  # judged only for the 7B shape on a GPU
+                      "met": run.peak_memory_mb <= 5000 if args.shape == "7b" and torch.cuda.is_available() else None}))
 
 
 if __name__ == "__main__":

@@ -103,11 +103,6 @@ class AdapterLayer(nn.Module):
         return f"method={self.name}, rank={self.spec.rank}, scale={self.scale:g}, bits={self.spec.bits}"
 
 
-def row_norm(matrix: torch.Tensor) -> torch.Tensor:
-    """‖M‖_row: the L2 norm of each row, one per output feature."""
-    return torch.linalg.vector_norm(matrix, dim=1)
-
-
 def frozen_output(layer: AdapterLayer, x: torch.Tensor) -> torch.Tensor:
     """deq(Q(W)) x, without the bias."""
     out = layer.base(x)

@@ -7,6 +7,8 @@ import yaml
 
 from .config import FinetuneConfig
 from .errors import QSVDError
+from .evaluate import TASKS
+from .evaluate import evaluate as run_evaluate
 from .finetune import finetune as run_finetune
 from .finetune import init as run_init
 from .methods import METHODS
@@ -52,6 +54,8 @@ def split_options(command):
 @click.option("--grad-samples", type=int, help="lorasb: training rows for the gradient estimate (default: by --task-type).")
 @click.option("--grad-mem-budget", help="lorasb: memory for the gradients of one group of layers, e.g. 2GB; the estimate runs once per group (default: half the free memory).")
 @click.option("--grad-sketch", is_flag=True, default=None, help="lorasb: one pass over all layers with a rank-(2r+1) sketch of each gradient instead of groups (approximate, little memory).")
+@click.option("--eval-data", multiple=True, help="Evaluate the trained model on this file at the end (repeatable); see `qsvd eval`.")
+@click.option("--eval-task", type=click.Choice(TASKS), help="Task for --eval-data (default: chosen by the data, as `qsvd eval` does).")
 @click.option("--output", help="Run directory (default runs/<method>).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run in --output.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without building anything.")
@@ -59,6 +63,7 @@ def split_options(command):
 def finetune(ctx: click.Context, config_file, dry_run, **flags) -> None:
     """Fine-tune a model with one of qsvd's adapter methods."""
     with user_errors(ctx):
+        flags["eval_data"] = list(flags["eval_data"]) or None  # click gives () when the flag is absent
         config = FinetuneConfig.resolve(config_file, **flags)
         if dry_run:
             click.echo(yaml.safe_dump(config.resolved(), sort_keys=False), nl=False)
@@ -73,6 +78,23 @@ def init(ctx: click.Context, config_file, **flags) -> None:
     """Only split and quantize the model, into the prepared-model cache that `finetune` reuses."""
     with user_errors(ctx):
         run_init(FinetuneConfig.resolve(config_file, **flags))
+
+
+@cli.command("eval")
+@click.argument("target", metavar="RUN_DIR_OR_MODEL")
+@click.option("--data", required=True, help="json/jsonl rows (as for finetune), or plain text for ppl: a 'text' field or a .txt file.")
+@click.option("--task", type=click.Choice(TASKS), help="gen: greedy generation, answer extracted; choice: the most likely answer option; ppl: perplexity (default: chosen by the data).")
+@click.option("--bits", type=int, help="A plain model's storage: 4, 8 or 16 (default 16); a run keeps its own.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per batch.")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="gen: longest answer.")
+@click.option("--seq-len", type=int, default=512, show_default=True, help="ppl: tokens per window.")
+@click.option("--max-examples", type=int, help="Score only the first N rows.")
+@click.option("--predictions", help="JSONL of per-example predictions (default: eval-<data>-<task>.jsonl in the run dir, or here).")
+@click.pass_context
+def eval_(ctx: click.Context, target, **options) -> None:
+    """Score a run directory or a plain model on held-out data."""
+    with user_errors(ctx):
+        run_evaluate(target, **options)
 
 
 @contextmanager

@@ -30,6 +30,8 @@ class FinetuneConfig:
     grad_mem_budget: str | None = None  # lorasb: e.g. "2GB" of gradients at a time (default: half the free memory)
     grad_sketch: bool = False  # lorasb: one pass with a rank-(2r+1) sketch of each gradient instead
     data: str | None = None  # default: built-in arithmetic word problems
+    eval_data: list[str] | None = None  # files to evaluate on after training
+    eval_task: str | None = None  # gen, choice or ppl; default: chosen by each file's rows
     max_steps: int | None = None
     epochs: float | None = None  # default: 1 when max_steps is not set
     lr: float | None = None  # default: the method's own
@@ -70,6 +72,8 @@ class FinetuneConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values.get("targets"), str):
             values["targets"] = [t for t in values["targets"].split(",") if t]
+        if isinstance(values.get("eval_data"), str):
+            values["eval_data"] = [values["eval_data"]]
         config = cls(**values)
         config.validate()
         return config

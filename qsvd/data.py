@@ -40,15 +40,15 @@ def synthetic_arithmetic(rows: int = 128, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_list(examples)
 
 
-def read_rows(path: str | Path) -> datasets.Dataset:
+def read_rows(path: str | Path, flag: str = "--data") -> datasets.Dataset:
     """A local json or jsonl file as a Dataset, with a clear error for a missing or bad file."""
     path = Path(path)
     if not path.is_file():
-        raise QSVDError(f"--data {path}: no such file")
+        raise QSVDError(f"{flag} {path}: no such file")
     try:
         return datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as error:  # datasets wraps json errors in several types
-        raise QSVDError(f"--data {path} is not a json or jsonl file of records ({type(error).__name__})") from error
+        raise QSVDError(f"{flag} {path} is not a json or jsonl file of records ({type(error).__name__})") from error
 
 
 def detect_format(columns: list[str], source: str) -> str:
@@ -80,11 +80,15 @@ def prompt_and_completion(messages: list[dict], tokenizer: PreTrainedTokenizerBa
     return PLAIN_TEMPLATE.format(prompt=user_text), answer + tokenizer.eos_token
 
 
+def tokenize_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """A rendered prompt's tokens (a chat template already writes its own special tokens)."""
+    return tokenizer(prompt, add_special_tokens=not tokenizer.chat_template)["input_ids"]
+
+
 def tokenize(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
     """input_ids with labels = IGNORE_INDEX over the prompt tokens."""
     prompt, completion = prompt_and_completion(messages, tokenizer)
-    add_special = not tokenizer.chat_template  # a chat template already writes its special tokens
-    prompt_ids = tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+    prompt_ids = tokenize_prompt(prompt, tokenizer)
     completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return {"input_ids": prompt_ids + completion_ids,
             "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids}

@@ -46,6 +46,11 @@ def publish(stage: Path, output: Path) -> None:
     os.replace(stage, output)
 
 
+def is_run(path: Path) -> bool:
+    """Whether `path` is a qsvd run directory (complete or not)."""
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
 def load_run(run_dir: str | Path, device=None):
     """(model, tokenizer) rebuilt from a run directory: the base model plus the trained adapter."""
     run_dir = Path(run_dir)

@@ -14,6 +14,7 @@ from .config import FinetuneConfig
 from .console import console
 from .data import build_dataset, first_batches
 from .errors import QSVDError
+from .evaluate import eval_sets, evaluate_model
 from .export import publish, write_run
 from .load import load_tokenizer, resolve_model
 from .methods import METHODS
@@ -71,6 +72,7 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     files = resolve_model(config.model)
     tokenizer = load_tokenizer(files, config.trust_remote_code)
     dataset = build_dataset(config.data, tokenizer, config.seq_len, config.seed)
+    evaluations = eval_sets(config.eval_data or [], config.eval_task)
     console.print(f"{len(dataset)} training rows; method {config.method}, {config.bits}-bit frozen base, "
                   f"rank {config.rank}, lr {config.learning_rate:g}")
 
@@ -99,6 +101,12 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
                   "train_peak_memory_mb": outcome.train_peak_memory_mb,
                   "peak_memory_mb": outcome.peak_memory_mb}
         shutil.rmtree(stage / "trainer", ignore_errors=True)
+        record["eval"] = {}
+        for path, rows, task in evaluations:
+            predictions = f"eval-{path.stem}-{task}.jsonl"
+            result = evaluate_model(model, tokenizer, rows, task, stage / predictions, source=f"--eval-data {path}")
+            console.print(f"{path.name}: {result.line().rsplit(' | ', 1)[0]}")
+            record["eval"][path.stem] = result.summary() | {"predictions": predictions}
         write_run(stage, model, record, outcome.log_history)
         publish(stage, output)
     finally:

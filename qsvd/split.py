@@ -17,7 +17,7 @@ from torch import nn
 from . import quantize
 from .console import console
 from .errors import QSVDError
-from .load import load_tensors
+from .load import ModelFiles, empty_model, load_tensors, open_weights
 from .memory import return_freed_memory
 from .methods import METHODS, AdapterLayer, AdapterSpec
 from .methods.lorasb import init_from_gradients
@@ -63,8 +63,8 @@ def check_rank(linears: dict[str, nn.Linear], rank: int) -> None:
                             f"({linear.out_features} × {linear.in_features}); use a smaller --rank")
 
 
-def replace_layers(model: nn.Module, spec: AdapterSpec, linears: dict[str, nn.Linear],
-                   make_layer: Callable[[str, nn.Linear], AdapterLayer], device: torch.device,
+def replace_layers(model: nn.Module, spec: AdapterSpec | None, linears: dict[str, nn.Linear],
+                   make_layer: Callable[[str, nn.Linear], nn.Module], device: torch.device,
                    progress: bool, description: str = "split + quantize") -> nn.Module:
     """Swap each linear for `make_layer(name, linear)`, freeing the original as we go; then freeze
     everything but the adapters' trainable tensors and cast the rest to the compute dtype."""
@@ -248,6 +248,25 @@ def restore(model: nn.Module, spec: AdapterSpec, targets: list[str], tensors: di
         return layer
 
     return replace_layers(model, spec, linears, rebuild_layer, device, progress, "rebuild")
+
+
+def quantized_model(files: ModelFiles, bits: int, device: torch.device | str | None = None,
+                    trust_remote_code: bool = False, progress: bool = True) -> nn.Module:
+    """The model without adapters, every linear layer of its decoder blocks stored as Q(W) at
+    `bits` (the base of plain QLoRA at 4), read from the checkpoint one layer at a time."""
+    if bits not in quantize.SUPPORTED_BITS:
+        raise QSVDError(f"--bits {bits} is not supported; choose one of: 4, 8, 16")
+    device = torch.device(device) if device is not None else default_device()
+    model = empty_model(files, trust_remote_code)
+    weights = open_weights(files, model)
+    linears = find_targets(model)
+    load_non_targets(model, linears, weights, device)
+
+    def freeze_layer(name: str, linear: nn.Linear) -> nn.Module:
+        weight, bias = target_tensors(name, linear, weights)
+        return quantize.freeze(weight.float(), bias, bits, compute_dtype(device), device)
+
+    return replace_layers(model, None, linears, freeze_layer, device, progress, f"load {bits}-bit")
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:

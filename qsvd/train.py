@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 
 from .config import FinetuneConfig
 from .data import collator
-from .loss import plain_logits, supervised_loss
+from .loss import supervised_loss
 from .memory import peak_memory_mb, reset_peak_memory, return_freed_memory
 from .split import compute_dtype
 
@@ -90,7 +90,7 @@ class SupervisedTokensTrainer(Trainer):
     """Trainer whose training loss is `supervised_loss`: the same loss, with logits only where needed."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or self.accelerator.unwrap_model(model) is not model or not plain_logits(model):
+        if return_outputs or self.accelerator.unwrap_model(model) is not model:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # normalised by the accumulated batch's token count exactly when Trainer's default would be
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None

@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import svd
 from ..console import console
-from ..loss import plain_logits, supervised_loss
+from ..loss import supervised_loss
 from ..memory import free_memory_bytes, return_freed_memory
 from .loraxs import LoRAXSLayer
 
@@ -114,11 +114,10 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
     checkpointed = [module for module in model.modules() if getattr(module, "gradient_checkpointing", False)]
     for module in checkpointed:
         module.training = True  # ... but layers with gradient checkpointing on recompute, as in training
-    loss = supervised_loss if plain_logits(model) else (lambda model, batch: model(**batch).loss)
     device = next(iter(layers.values())).core.device
     try:
         for batch in track(batches, description=description, total=len(batches), console=console):
-            loss(model, {key: value.to(device) for key, value in batch.items()}).backward()
+            supervised_loss(model, {key: value.to(device) for key, value in batch.items()}).backward()
     finally:
         for handle in handles + [embedding_hook]:
             handle.remove()

@@ -1,0 +1,359 @@
+"""`qsvd eval`: score a trained run, or a plain model, on held-out data.
+
+Tasks:
+- gen: batched greedy generation; the answer is taken from the text and compared with the
+  reference: the final number for GSM8K-style rows (after the last '####', else the last
+  number), one of the row's options (answer1..answerN, true/false) for the LLM-Adapters format.
+- choice: every option k is scored by its log-likelihood Σ_t log p(y_t | prompt, y_<t) as the
+  completion (the reference output with its answer replaced by option k); the highest wins.
+- ppl: perplexity exp(Σ NLL / Σ tokens) of plain text, cut into windows of `seq_len` tokens.
+
+Accuracy comes with a 95% Wilson score interval, and every example's prediction is written to
+a JSONL file.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from rich.progress import track
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .console import console
+from .data import IGNORE_INDEX, collator, detect_format, prompt_and_completion, read_rows, to_chat, tokenize, tokenize_prompt
+from .errors import QSVDError
+from .export import is_run, load_run
+from .load import load_tokenizer, resolve_model
+from .loss import row_log_likelihoods
+from .split import quantized_model
+
+TASKS = ("gen", "choice", "ppl")
+ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+)", re.IGNORECASE)
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+@dataclass
+class EvalResult:
+    task: str
+    examples: int
+    correct: int | None = None  # gen, choice
+    perplexity: float | None = None  # ppl
+    tokens: int | None = None  # ppl
+    predictions: str = ""
+
+    @property
+    def accuracy(self) -> float | None:
+        return None if self.correct is None else self.correct / self.examples
+
+    def summary(self) -> dict:
+        interval = wilson_interval(self.correct, self.examples) if self.correct is not None else None
+        return asdict(self) | {"accuracy": self.accuracy, "ci95": interval}
+
+    def line(self) -> str:
+        if self.task == "ppl":
+            return (f"perplexity {self.perplexity:.3f} over {self.tokens:,} tokens in {self.examples} "
+                    f"windows | predictions: {self.predictions}")
+        low, high = wilson_interval(self.correct, self.examples)
+        return (f"accuracy {100 * self.accuracy:.1f}% ({self.correct}/{self.examples}), 95% CI "
+                f"{100 * low:.1f}–{100 * high:.1f}% | predictions: {self.predictions}")
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a proportion: (p̂ + z²/2n ± z √(p̂(1−p̂)/n + z²/4n²)) / (1 + z²/n)."""
+    p = correct / n
+    centre = p + z * z / (2 * n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+# -- answers ---------------------------------------------------------------------------------
+
+def extract_number(text: str) -> str | None:
+    """The final number of a solution: the first after the last '####' if there is one, else the
+    last number in the text; thousands separators dropped, '72.0' read as '72'."""
+    text = text.replace(",", "")
+    marked = NUMBER.findall(text.rsplit("####", 1)[1]) if "####" in text else []
+    numbers = marked[:1] or NUMBER.findall(text)[-1:]
+    if not numbers:
+        return None
+    value = float(numbers[0])
+    return str(int(value)) if value.is_integer() else str(value)
+
+
+def extract_option(text: str, options: list[str]) -> str | None:
+    """The first of `options` (e.g. answer1..answer4, true/false) that the text names, as the
+    LLM-Adapters evaluation reads it."""
+    pattern = r"\b(" + "|".join(re.escape(option) for option in options) + r")\b"
+    match = re.search(pattern, text, re.IGNORECASE)
+    return match[1].lower() if match else None
+
+
+def row_options(row: dict) -> list[str] | None:
+    """The answer options of a row: an `options` field, or the 'Answer format: a/b/c' line."""
+    if row.get("options"):
+        return [str(option).lower() for option in row["options"]]
+    match = ANSWER_FORMAT.search(row.get("instruction") or row.get("question") or "")
+    return [option.strip().lower() for option in match[1].split("/")] if match else None
+
+
+def reference_answer(row: dict, fmt: str) -> str:
+    """The gold answer: the `answer` field of the LLM-Adapters format, or the final number of a
+    GSM8K-style solution, or the whole reference text."""
+    if fmt == "alpaca" and row.get("answer"):
+        return str(row["answer"]).strip().lower()
+    text = to_chat(row, fmt)[-1]["content"]
+    return extract_number(text) if "####" in text else text.strip().lower()
+
+
+def predicted_answer(text: str, gold: str, options: list[str] | None) -> str | None:
+    if options:
+        return extract_option(text, options)
+    if NUMBER.fullmatch(gold):
+        return extract_number(text)
+    return text.strip().lower()
+
+
+# -- the three tasks ---------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    messages: list[dict]  # chat messages ending in the reference answer
+    gold: str
+    options: list[str] | None
+
+
+def examples_from(rows: datasets.Dataset, source: str) -> list[Example]:
+    fmt = detect_format(rows.column_names, source)
+    return [Example(to_chat(row, fmt), reference_answer(row, fmt), row_options(row)) for row in rows]
+
+
+def by_length(items: list, length, batch_size: int) -> list[list[int]]:
+    """Batches of indices into `items`, longest first, so each batch pads little."""
+    order = sorted(range(len(items)), key=lambda i: -length(items[i]))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+@torch.inference_mode()
+def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example],
+                     batch_size: int, max_new_tokens: int) -> list[dict]:
+    """Greedy completions of every prompt, left-padded into batches, with the answer read off."""
+    prompts = [tokenize_prompt(prompt_and_completion(e.messages, tokenizer)[0], tokenizer) for e in examples]
+    texts = [""] * len(examples)
+    for batch in track(by_length(prompts, len, batch_size), description="generate", console=console):
+        width = max(len(prompts[i]) for i in batch)
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(prompts[i])) + prompts[i] for i in batch])
+        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in batch])
+        out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                             do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        for i, tokens in zip(batch, out[:, width:]):
+            texts[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+    return [{"gold": e.gold, "prediction": predicted_answer(text, e.gold, e.options), "output": text}
+            for e, text in zip(examples, texts)]
+
+
+def option_sequences(example: Example, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, list[int]]]:
+    """Prompt + completion tokens for each option: the reference output with the gold answer
+    replaced by the option (e.g. 'the correct answer is answer3'), or the option alone."""
+    if not example.options:
+        raise QSVDError("--task choice needs answer options in every row (an 'options' list, or an "
+                        "'Answer format: a/b/c' line in the instruction); use --task gen for this data")
+    reference = example.messages[-1]["content"]
+    sequences = []
+    for option in example.options:
+        completion = (re.sub(re.escape(example.gold), option, reference, flags=re.IGNORECASE)
+                      if example.gold in reference.lower() else option)
+        sequences.append(tokenize(example.messages[:-1] + [{"role": "assistant", "content": completion}], tokenizer))
+    return sequences
+
+
+def shared_prefix(rows: list[list[int]]) -> int:
+    """The length of the prefix that all rows share, leaving each at least one token of its own."""
+    shared = 0
+    while shared < min(map(len, rows)) - 1 and len({row[shared] for row in rows}) == 1:
+        shared += 1
+    return shared
+
+
+@torch.inference_mode()
+def option_log_likelihoods(model: PreTrainedModel, examples: list[list[dict[str, list[int]]]]) -> torch.Tensor:
+    """[examples, K]: Σ log p of each option sequence's supervised tokens after the prefix that
+    the example's K options share.
+
+    The shared prefixes (the prompt and, e.g., 'the correct answer is ') run once, left-padded
+    (rotary positions are relative, so padding shifts nothing); their cache is repeated for the K
+    options, which run only their own tokens. What the prefix adds to the log-likelihood is the
+    same for every option, so the ranking is that of the full sums.
+    """
+    device, options = model.device, len(examples[0])
+    shared = [shared_prefix([sequence["input_ids"] for sequence in sequences]) for sequences in examples]
+    width = max(shared)
+    prefix_ids = torch.tensor([[0] * (width - n) + sequences[0]["input_ids"][:n]
+                               for sequences, n in zip(examples, shared)], device=device)
+    prefix_mask = torch.tensor([[0] * (width - n) + [1] * n for n in shared], device=device)
+    prefix = model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True)
+    prefix.past_key_values.batch_repeat_interleave(options)
+
+    suffixes = [(sequence["input_ids"][n:], sequence["labels"][n:])
+                for sequences, n in zip(examples, shared) for sequence in sequences]
+    length = max(len(ids) for ids, _ in suffixes)
+    suffix_ids = torch.tensor([ids + [0] * (length - len(ids)) for ids, _ in suffixes], device=device)
+    labels = torch.tensor([labels + [IGNORE_INDEX] * (length - len(labels)) for _, labels in suffixes], device=device)
+    own = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in suffixes], device=device)
+    mask = torch.cat([prefix_mask.repeat_interleave(options, dim=0), own], dim=1)
+    logits = model(input_ids=suffix_ids, attention_mask=mask, past_key_values=prefix.past_key_values).logits
+    # suffix token j is predicted by the prefix's last logits (j = 0) or by the suffix's logits at j − 1
+    logits = torch.cat([prefix.logits[:, -1:].repeat_interleave(options, dim=0), logits[:, :-1]], dim=1)
+    log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+    return (log_probs * (labels != IGNORE_INDEX)).sum(dim=1).view(len(examples), options)
+
+
+def choose_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example],
+                   batch_size: int) -> list[dict]:
+    """The option whose completion has the highest log-likelihood, for every example; examples
+    are batched with others that have as many options."""
+    sequences = [option_sequences(example, tokenizer) for example in examples]
+    scores = [None] * len(examples)
+    groups = {}
+    for index, example in enumerate(examples):
+        groups.setdefault(len(example.options), []).append(index)
+    batches = [group[start:start + batch_size] for group in groups.values()
+               for start in range(0, len(group), batch_size)]
+    for batch in track(batches, description="score options", console=console):
+        for i, row in zip(batch, option_log_likelihoods(model, [sequences[i] for i in batch]).tolist()):
+            scores[i] = {option: round(score, 4) for option, score in zip(examples[i].options, row)}
+    return [{"gold": example.gold, "prediction": max(score, key=score.get), "scores": score}
+            for example, score in zip(examples, scores)]
+
+
+@torch.inference_mode()
+def text_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
+                         seq_len: int, batch_size: int) -> list[dict]:
+    """The texts, joined by the end-of-text token, cut into windows of `seq_len` tokens; each
+    window's Σ log p of its tokens after the first, and their count."""
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    windows = [stream[start:start + seq_len] for start in range(0, len(stream), seq_len)]
+    windows = [window for window in windows if len(window) > 1]
+    if not windows:
+        raise QSVDError("the text for --task ppl has fewer than 2 tokens")
+    collate = collator(tokenizer)
+    results = [{}] * len(windows)
+    for batch in track(by_length(windows, len, batch_size), description="perplexity", console=console):
+        inputs = collate([{"input_ids": windows[i], "labels": windows[i]} for i in batch])
+        sums, counts = row_log_likelihoods(model, {key: value.to(model.device) for key, value in inputs.items()})
+        for i, total, count in zip(batch, sums.tolist(), counts.tolist()):
+            results[i] = {"tokens": count, "nll": round(-total, 6)}
+    return results
+
+
+# -- running an evaluation -------------------------------------------------------------------
+
+def read_eval_rows(path: str | Path, flag: str = "--data") -> datasets.Dataset:
+    """json/jsonl records, or a .txt file read as one text."""
+    path = Path(path)
+    if path.suffix == ".txt" and path.is_file():
+        return datasets.Dataset.from_list([{"text": path.read_text()}])
+    return read_rows(path, flag)
+
+
+def pick_task(rows: datasets.Dataset, task: str | None, source: str) -> str:
+    """The task asked for, or one that fits the rows: text → ppl; rows with answer options →
+    choice; any other row with a reference answer → gen."""
+    if task is not None and task not in TASKS:
+        raise QSVDError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    if "text" in rows.column_names:
+        if task not in (None, "ppl"):
+            raise QSVDError(f"{source} holds plain text: it takes --task ppl, not {task}")
+        return "ppl"
+    if task == "ppl":
+        raise QSVDError(f"--task ppl needs a 'text' field or a .txt file; {source} has fields "
+                        f"{', '.join(rows.column_names)}")
+    detect_format(rows.column_names, source)
+    if task is None:
+        return "choice" if row_options(rows[0]) else "gen"
+    return task
+
+
+def eval_sets(paths: list[str], task: str | None) -> list[tuple[Path, datasets.Dataset, str]]:
+    """`finetune --eval-data`: each file's rows and task, checked before training starts."""
+    sets = []
+    for path in paths:
+        rows = read_eval_rows(path, "--eval-data")
+        sets.append((Path(path), rows, pick_task(rows, task, f"--eval-data {path}")))
+    return sets
+
+
+def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: datasets.Dataset,
+                   task: str, predictions: str | Path, batch_size: int = 8, max_new_tokens: int = 256,
+                   seq_len: int = 512, source: str = "--data") -> EvalResult:
+    """Score `model` on `rows` by `task`, write one JSON line an example to `predictions`."""
+    was_training = model.training
+    model.eval()
+    try:
+        if task == "ppl":
+            results = text_log_likelihoods(model, tokenizer, rows["text"], seq_len, batch_size)
+        else:
+            examples = examples_from(rows, source)
+            results = (generate_answers(model, tokenizer, examples, batch_size, max_new_tokens) if task == "gen"
+                       else choose_answers(model, tokenizer, examples, batch_size))
+    finally:
+        model.train(was_training)
+    if task != "ppl":
+        for result in results:
+            result["correct"] = result["prediction"] is not None and same_answer(result["prediction"], result["gold"])
+    write_jsonl(Path(predictions), [{"index": i, **result} for i, result in enumerate(results)])
+    if task == "ppl":
+        tokens = sum(r["tokens"] for r in results)
+        return EvalResult(task, len(results), perplexity=math.exp(sum(r["nll"] for r in results) / tokens),
+                          tokens=tokens, predictions=str(predictions))
+    return EvalResult(task, len(results), correct=sum(r["correct"] for r in results), predictions=str(predictions))
+
+
+def same_answer(prediction: str, gold: str) -> bool:
+    """Numbers compare by value (3 == 3.0), anything else as lower-case text."""
+    if NUMBER.fullmatch(prediction) and NUMBER.fullmatch(gold):
+        return math.isclose(float(prediction), float(gold), rel_tol=0, abs_tol=1e-6)
+    return prediction.strip().lower() == gold.strip().lower()
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Write to a temporary name beside `path`, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(tmp, path)
+
+
+def evaluate(target: str | Path, data: str | Path, task: str | None = None, predictions: str | Path | None = None,
+             bits: int | None = None, batch_size: int = 8, max_new_tokens: int = 256, seq_len: int = 512,
+             max_examples: int | None = None) -> EvalResult:
+    """Evaluate a run directory, or a plain model (alias, HF directory or GGUF) stored at `bits`
+    (default 16), as `qsvd eval` does. The data and task are checked before any model loads."""
+    for flag, value in {"batch-size": batch_size, "max-new-tokens": max_new_tokens, "seq-len": seq_len,
+                        "max-examples": max_examples}.items():
+        if value is not None and value <= 0:
+            raise QSVDError(f"--{flag} must be positive, got {value}")
+    rows = read_eval_rows(data)
+    if max_examples is not None:
+        rows = rows.select(range(min(max_examples, len(rows))))
+    task = pick_task(rows, task, f"--data {data}")
+    target = Path(target)
+    if is_run(target):
+        if bits is not None:
+            raise QSVDError(f"{target} is a trained run: its frozen base keeps the bits it was trained with; drop --bits")
+        model, tokenizer = load_run(target)
+        default_predictions = target / f"eval-{Path(data).stem}-{task}.jsonl"
+    else:
+        files = resolve_model(str(target))
+        model, tokenizer = quantized_model(files, bits or 16), load_tokenizer(files)
+        default_predictions = Path(f"eval-{target.stem}-{Path(data).stem}-{task}.jsonl")
+    result = evaluate_model(model, tokenizer, rows, task, predictions or default_predictions, batch_size,
+                            max_new_tokens, seq_len, f"--data {data}")
+    console.print(result.line())
+    return result

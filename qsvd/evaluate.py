@@ -68,7 +68,7 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     p = correct / n
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
 # -- answers ---------------------------------------------------------------------------------

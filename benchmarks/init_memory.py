@@ -24,13 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from peers import TARGETS
+
 SHAPES = {  # TinyLlama-1.1B, and a small one for --quick
     "full": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000),
     "quick": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=4, vocab_size=32000),
 }
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def status_mb(field: str) -> float:

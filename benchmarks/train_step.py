@@ -27,29 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from peers import TARGETS, peer_model, write_smollm2
+
 QSVD_METHODS = ["lora", "dora", "pissa", "milora", "loraxs", "edora", "lorasb"]
 PEERS = {"qlora": False, "qdora": True}  # name → use_dora
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, BATCH, SEQ_LEN = 16, 4, 256
 PROBLEMS_PER_ROW = 3  # built-in word problems joined into one row of about 230-250 tokens
-
-
-def write_model(path: Path) -> None:
-    """The embedded SmolLM2-135M as bf16 safetensors, readable by both stacks."""
-    if (path / "config.json").is_file():
-        return
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qsvd.load import embedded_gguf
-
-    gguf = embedded_gguf()
-    print(f"writing {gguf.name} as safetensors to {path} ...", file=sys.stderr, flush=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
 
 
 def write_data(path: Path, rows: int) -> None:
@@ -64,25 +47,6 @@ def write_data(path: Path, rows: int) -> None:
                                   "answer": "\n".join(chunk["answer"])}) + "\n")
 
 
-def peer_model(model_path: str, use_dora: bool):
-    """QLoRA or QDoRA, built the standard PEFT way."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    from qsvd.split import compute_dtype, default_device
-
-    device = default_device()
-    dtype = compute_dtype(device)
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization, dtype=dtype,
-                                                 device_map=device.type)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    config = LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0, target_modules=TARGETS,
-                        use_dora=use_dora, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
 def run_peer(name: str, args) -> dict:
     from qsvd.config import FinetuneConfig
     from qsvd.data import build_dataset
@@ -94,7 +58,7 @@ def run_peer(name: str, args) -> dict:
                                     seq_len=SEQ_LEN, batch_size=BATCH, max_steps=args.warmup + args.steps)
     tokenizer = load_tokenizer(resolve_model(args.model), False)
     dataset = build_dataset(config.data, tokenizer, config.seq_len, config.seed)
-    model = peer_model(args.model, PEERS[name])
+    model = peer_model(args.model, RANK, PEERS[name])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with tempfile.TemporaryDirectory() as work:
         outcome = train(model, tokenizer, dataset, config, Path(work), trainer_class=Trainer)
@@ -195,7 +159,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         os.environ["QSVD_CACHE"] = str(work / "cache")  # prepared models are made once, outside the timing
         args.model, args.data = str(work / "smollm2-135m"), str(work / "data.jsonl")
-        write_model(Path(args.model))
+        write_smollm2(Path(args.model))
         write_data(Path(args.data), rows=BATCH * (args.warmup + args.steps) * 2)
         summary = report(measure_rounds([*PEERS, *args.methods.split(",")], args, work))
     print(json.dumps(summary))

@@ -1,0 +1,44 @@
+"""What the benchmarks against PEFT share: the embedded model as safetensors, and PEFT's QLoRA/QDoRA."""
+
+import sys
+from pathlib import Path
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_smollm2(path: Path) -> None:
+    """The embedded SmolLM2-135M as bf16 safetensors (once), so that both stacks read the same files."""
+    if (path / "config.json").is_file():
+        return
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qsvd.load import embedded_gguf
+
+    gguf = embedded_gguf()
+    print(f"writing {gguf.name} as safetensors to {path} ...", file=sys.stderr, flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
+
+
+def peer_model(model_path: str, rank: int, use_dora: bool = False):
+    """QLoRA (or QDoRA) built the standard PEFT way: a 4-bit NF4 base with double quantization,
+    `prepare_model_for_kbit_training`, `get_peft_model(LoraConfig(r=rank, alpha=rank))`."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qsvd.split import compute_dtype, default_device
+
+    device = default_device()
+    dtype = compute_dtype(device)
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization, dtype=dtype,
+                                                 device_map=device.type)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS,
+                        use_dora=use_dora, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

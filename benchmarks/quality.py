@@ -16,7 +16,8 @@ and its final number (`--task gen`).
 
 Writes quality.md (the table), quality.png (accuracy against trainable parameters) and
 quality.json into --output, every run's predictions beside them, and prints one JSON object as
-the last line. Each run is a fresh process.
+the last line. Each run is a fresh process; its figures are kept in <dataset>-<run>.json, which a
+later invocation with the same budget reuses, so an interrupted benchmark goes on where it stopped.
 
     python benchmarks/quality.py [--quick] [--output DIR] [--data-dir ../shared/data] [--methods ...]
 """
@@ -41,9 +42,9 @@ DATASETS = {  # file under --data-dir, eval task, lorasb task type, dev rows hel
     "boolq": ("boolq/train.json", "choice", "commonsense", 200),
     "gsm8k": ("gsm8k/train.jsonl", "gen", "math", 100),
 }
-BUDGETS = {  # sized for 2 CPU cores: the full run takes about 80 minutes there
-    "full": dict(datasets=list(DATASETS), steps=20, batch=4, seq_len=320,
-                 dev={"arc_easy": 100, "boolq": 100, "gsm8k": 32}, max_new_tokens=160, general_chars=16_000,
+BUDGETS = {  # sized for 2 CPU cores: the full run takes about 75 minutes there
+    "full": dict(datasets=list(DATASETS), steps=16, batch=4, seq_len=320,
+                 dev={"arc_easy": 100, "boolq": 100, "gsm8k": 32}, max_new_tokens=160, general_chars=12_000,
                  grad_samples=None),
     "quick": dict(datasets=["gsm8k"], steps=2, batch=2, seq_len=320, dev={"arc_easy": 8, "boolq": 8, "gsm8k": 4},
                   max_new_tokens=32, general_chars=3_000, grad_samples=4),
@@ -79,15 +80,15 @@ def write_splits(data_dir: Path, out: Path, budget: dict) -> dict[str, dict[str,
 
 
 def write_general_text(path: Path, chars: int) -> Path:
-    """A fixed sample of general English text: topics of Python's reference documentation."""
+    """A fixed sample of general English text, `chars` long: topics of Python's reference documentation."""
     from pydoc_data.topics import topics
 
-    texts, total = [], 0
+    texts, left = [], chars
     for key in sorted(topics)[::3]:
-        texts.append({"text": topics[key]})
-        total += len(topics[key])
-        if total >= chars:
+        if left <= 0:
             break
+        texts.append({"text": topics[key][:left]})
+        left -= len(texts[-1]["text"])
     return write_jsonl(path, texts)
 
 
@@ -148,7 +149,10 @@ def measure(name: str, dataset: str, args, splits: dict, general: Path) -> dict:
                "--task", task, "--task-type", task_type, "--out", args.output,
                *[f"--{key.replace('_', '-')}={value}" for key, value in args.budget.items()
                  if key in ("steps", "batch", "seq_len", "max_new_tokens", "grad_samples") and value is not None]]
-    log = Path(args.output) / f"{dataset}-{name}.log"
+    log, saved = Path(args.output) / f"{dataset}-{name}.log", Path(args.output) / f"{dataset}-{name}.json"
+    if saved.is_file() and json.loads(saved.read_text())["budget"] == args.budget:
+        print(f"{dataset}: {name}: measured before, in {saved}", file=sys.stderr, flush=True)
+        return json.loads(saved.read_text())["figures"]
     print(f"{dataset}: {name} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     with open(log, "w") as stderr:
@@ -156,6 +160,7 @@ def measure(name: str, dataset: str, args, splits: dict, general: Path) -> dict:
     if result.returncode != 0:
         sys.exit(f"{dataset} {name} failed (exit {result.returncode}); its log:\n{log.read_text()[-3000:]}")
     figures = json.loads(result.stdout.strip().splitlines()[-1])
+    saved.write_text(json.dumps({"budget": args.budget, "figures": figures}) + "\n")
     print(f"  accuracy {figures['correct']}/{figures['examples']}, general-text perplexity "
           f"{figures['perplexity']:.3f}, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     return figures

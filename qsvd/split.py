@@ -96,12 +96,16 @@ def _build_layer(layer_cls: type[AdapterLayer], weight: torch.Tensor, bias: torc
     return layer_cls(frozen, tensors, spec)
 
 
+def check_bits(bits: int) -> None:
+    if bits not in quantize.SUPPORTED_BITS:
+        raise QSVDError(f"--bits {bits} is not supported; choose one of: 4, 8, 16")
+
+
 def make_spec(method: str, rank: int, alpha: float | None = None, bits: int = 4, **options) -> AdapterSpec:
     """The layer spec, with alpha defaulting to the rank (s = 1); lorasb always has s = 1."""
     if method not in METHODS:
         raise QSVDError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    if bits not in quantize.SUPPORTED_BITS:
-        raise QSVDError(f"--bits {bits} is not supported; choose one of: 4, 8, 16")
+    check_bits(bits)
     if rank <= 0:
         raise QSVDError(f"--rank must be a positive integer, got {rank}")
     if alpha is not None and alpha <= 0:
@@ -254,8 +258,7 @@ def quantized_model(files: ModelFiles, bits: int, device: torch.device | str | N
                     trust_remote_code: bool = False, progress: bool = True) -> nn.Module:
     """The model without adapters, every linear layer of its decoder blocks stored as Q(W) at
     `bits` (the base of plain QLoRA at 4), read from the checkpoint one layer at a time."""
-    if bits not in quantize.SUPPORTED_BITS:
-        raise QSVDError(f"--bits {bits} is not supported; choose one of: 4, 8, 16")
+    check_bits(bits)
     device = torch.device(device) if device is not None else default_device()
     model = empty_model(files, trust_remote_code)
     weights = open_weights(files, model)

@@ -179,6 +179,20 @@ def test_finetune_eval_data_records_scores_in_the_run(tiny_model_dir, tmp_path):
     assert (output / record["eval"]["general"]["predictions"]).is_file()
 
 
+def test_eval_of_a_run_keeps_its_bits_and_writes_into_the_run(tiny_model_dir, tmp_path):
+    output = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["finetune", "--model", str(tiny_model_dir), "--output", str(output),
+                                      "--method", "edora", "--rank", "4", "--max-steps", "1", "--seq-len", "400"])
+    assert result.exit_code == 0, result.output
+    data = write_rows(tmp_path / "gsm.jsonl", [GSM_ROW, GSM_ROW])
+    result = CliRunner().invoke(cli, ["eval", str(output), "--data", str(data), "--bits", "4"])
+    assert result.exit_code == 2 and "is a trained run" in result.output
+    result = CliRunner().invoke(cli, ["eval", str(output), "--data", str(data), "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    lines = (output / "eval-gsm-gen.jsonl").read_text().splitlines()
+    assert [json.loads(line)["gold"] for line in lines] == ["1234", "1234"]
+
+
 def test_finetune_checks_eval_data_before_training(tiny_model_dir, tmp_path):
     data = write_rows(tmp_path / "gsm.jsonl", [GSM_ROW])
     result = CliRunner().invoke(cli, ["finetune", "--model", str(tiny_model_dir), "--output", str(tmp_path / "run"),

@@ -243,7 +243,7 @@ def text_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     if not windows:
         raise QSVDError("the text for --task ppl has fewer than 2 tokens")
     collate = collator(tokenizer)
-    results = [{}] * len(windows)
+    results = [None] * len(windows)
     for batch in track(by_length(windows, len, batch_size), description="perplexity", console=console):
         inputs = collate([{"input_ids": windows[i], "labels": windows[i]} for i in batch])
         sums, counts = row_log_likelihoods(model, {key: value.to(model.device) for key, value in inputs.items()})

@@ -143,16 +143,17 @@ def run_child(args) -> dict:
 
 def measure(name: str, dataset: str, args, splits: dict, general: Path) -> dict:
     """One run in a fresh process; its figures are the last line it prints."""
-    file, task, task_type, _ = DATASETS[dataset]
+    _, task, task_type, _ = DATASETS[dataset]
     command = [sys.executable, __file__, "--child", name, "--dataset", dataset, "--model", args.model,
                "--train", splits[dataset]["train"], "--dev", splits[dataset]["dev"], "--general", general,
                "--task", task, "--task-type", task_type, "--out", args.output,
                *[f"--{key.replace('_', '-')}={value}" for key, value in args.budget.items()
                  if key in ("steps", "batch", "seq_len", "max_new_tokens", "grad_samples") and value is not None]]
     log, saved = Path(args.output) / f"{dataset}-{name}.log", Path(args.output) / f"{dataset}-{name}.json"
-    if saved.is_file() and json.loads(saved.read_text())["budget"] == args.budget:
+    earlier = json.loads(saved.read_text()) if saved.is_file() else {}
+    if earlier.get("budget") == args.budget:
         print(f"{dataset}: {name}: measured before, in {saved}", file=sys.stderr, flush=True)
-        return json.loads(saved.read_text())["figures"]
+        return earlier["figures"]
     print(f"{dataset}: {name} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     with open(log, "w") as stderr:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from peers import TARGETS, peer_model, write_smollm2
 
+from qsvd.evaluate import write_jsonl
+
 METHODS = ["milora", "edora", "lorasb", "loraxs", "pissa"]
 PEER = "qlora"
 PEER_LR = 2e-4  # QLoRA's (Dettmers et al. 2023) for 7B-13B models
@@ -60,11 +62,6 @@ def read_records(path: Path) -> list[dict]:
     return json.loads(text) if path.suffix == ".json" else [json.loads(line) for line in text.splitlines() if line]
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    return path
-
-
 def write_splits(data_dir: Path, out: Path, budget: dict) -> dict[str, dict[str, Path]]:
     """Each dataset's train and dev files: the dev rows are drawn once by DEV_SEED and never
     trained on; the budget scores the first of them."""
@@ -74,8 +71,9 @@ def write_splits(data_dir: Path, out: Path, budget: dict) -> dict[str, dict[str,
         order = list(range(len(rows)))
         random.Random(DEV_SEED).shuffle(order)
         dev, train = order[:held_out], order[held_out:]
-        splits[name] = {"train": write_jsonl(out / f"{name}-train.jsonl", [rows[i] for i in train]),
-                        "dev": write_jsonl(out / f"{name}-dev.jsonl", [rows[i] for i in dev[:budget["dev"][name]]])}
+        splits[name] = {"train": out / f"{name}-train.jsonl", "dev": out / f"{name}-dev.jsonl"}
+        write_jsonl(splits[name]["train"], [rows[i] for i in train])
+        write_jsonl(splits[name]["dev"], [rows[i] for i in dev[:budget["dev"][name]]])
     return splits
 
 
@@ -89,7 +87,8 @@ def write_general_text(path: Path, chars: int) -> Path:
             break
         texts.append({"text": topics[key][:left]})
         left -= len(texts[-1]["text"])
-    return write_jsonl(path, texts)
+    write_jsonl(path, texts)
+    return path
 
 
 # -- one run, in its own process -----------------------------------------------------------------

@@ -83,9 +83,7 @@ class FinetuneConfig:
         positive = {"lr": self.lr, "batch-size": self.batch_size, "grad-accum": self.grad_accum,
                     "seq-len": self.seq_len, "max-steps": self.max_steps, "epochs": self.epochs,
                     "grad-samples": self.grad_samples}
-        for flag, value in positive.items():
-            if value is not None and value <= 0:
-                raise QSVDError(f"--{flag} must be positive, got {value}")
+        check_positive(positive)
         if self.max_steps is not None and self.epochs is not None:
             raise QSVDError("give --max-steps or --epochs, not both")
         if self.task_type not in GRAD_SAMPLES:
@@ -119,6 +117,13 @@ class FinetuneConfig:
         """The config with every derived default filled in, as a run records it."""
         return self.to_dict() | {"alpha": self.spec().alpha, "lr": self.learning_rate,
                                  "grad_samples": self.gradient_samples, "output": str(self.output_dir)}
+
+
+def check_positive(flags: dict[str, float | None]) -> None:
+    """Every given value of `flags` (flag name → value) must be above zero."""
+    for flag, value in flags.items():
+        if value is not None and value <= 0:
+            raise QSVDError(f"--{flag} must be positive, got {value}")
 
 
 def parse_size(text: str, flag: str) -> int:

@@ -24,6 +24,7 @@ import torch
 from rich.progress import track
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .config import check_positive
 from .console import console
 from .data import IGNORE_INDEX, collator, detect_format, prompt_and_completion, read_rows, to_chat, tokenize, tokenize_prompt
 from .errors import QSVDError
@@ -335,10 +336,8 @@ def evaluate(target: str | Path, data: str | Path, task: str | None = None, pred
              max_examples: int | None = None) -> EvalResult:
     """Evaluate a run directory, or a plain model (alias, HF directory or GGUF) stored at `bits`
     (default 16), as `qsvd eval` does. The data and task are checked before any model loads."""
-    for flag, value in {"batch-size": batch_size, "max-new-tokens": max_new_tokens, "seq-len": seq_len,
-                        "max-examples": max_examples}.items():
-        if value is not None and value <= 0:
-            raise QSVDError(f"--{flag} must be positive, got {value}")
+    check_positive({"batch-size": batch_size, "max-new-tokens": max_new_tokens, "seq-len": seq_len,
+                    "max-examples": max_examples})
     rows = read_eval_rows(data)
     if max_examples is not None:
         rows = rows.select(range(min(max_examples, len(rows))))

@@ -5,9 +5,10 @@ __version__ = "0.1.0"
 from .config import FinetuneConfig  # noqa: E402
 from .errors import QSVDError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402
-from .export import load_run  # noqa: E402
+from .export import export  # noqa: E402
 from .finetune import finetune, init  # noqa: E402
 from .methods import METHODS  # noqa: E402
+from .run import load_run  # noqa: E402
 from .split import prepare  # noqa: E402
 
-__all__ = ["FinetuneConfig", "METHODS", "QSVDError", "evaluate", "finetune", "init", "load_run", "prepare", "__version__"]
+__all__ = ["FinetuneConfig", "METHODS", "QSVDError", "evaluate", "export", "finetune", "init", "load_run", "prepare", "__version__"]

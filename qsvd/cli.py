@@ -9,6 +9,8 @@ from .config import FinetuneConfig
 from .errors import QSVDError
 from .evaluate import TASKS
 from .evaluate import evaluate as run_evaluate
+from .export import BASES, DTYPES, FORMATS
+from .export import export as run_export
 from .finetune import finetune as run_finetune
 from .finetune import init as run_init
 from .methods import METHODS
@@ -95,6 +97,23 @@ def eval_(ctx: click.Context, target, **options) -> None:
     """Score a run directory or a plain model on held-out data."""
     with user_errors(ctx):
         run_evaluate(target, **options)
+
+
+@cli.command("export")
+@click.argument("run_dir")
+@click.option("--format", "format_", type=click.Choice(FORMATS), default="peft", show_default=True,
+              help="peft: a LoRA/DoRA adapter for PeftModel on the original base; merged: a full HF checkpoint.")
+@click.option("--output", help="Export directory (default: RUN_DIR-peft or RUN_DIR-merged beside the run).")
+@click.option("--base", type=click.Choice(BASES), default="original", show_default=True,
+              help="merged: merge into the original weights, or into deq(Q(W)), the weights the adapter was trained against.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16", show_default=True, help="merged: weight dtype.")
+@click.option("--shard-size", default="2GB", show_default=True, help="merged: largest safetensors shard; the export holds one shard in memory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export in --output.")
+@click.pass_context
+def export(ctx: click.Context, run_dir, format_, **options) -> None:
+    """Export a run as a PEFT adapter or a merged checkpoint that any HF stack loads."""
+    with user_errors(ctx):
+        run_export(run_dir, format=format_, **options)
 
 
 @contextmanager

@@ -1,69 +1,258 @@
-"""Stage 5: write a run directory, and rebuild a trained model from one.
+"""Stage 5: export a run for the wider ecosystem, as a PEFT adapter or a merged HF checkpoint.
 
-A run directory holds
-- adapter.safetensors: every adapter tensor (trainable and frozen, without the frozen base);
-- qsvd_config.json: the resolved config, the layer spec, the targets and the model fingerprint,
-  which is all `load_run` needs to rebuild the model without any SVD;
-- train_log.jsonl: Trainer's log, one entry a line.
+Every method's trained update is a low-rank change ΔW = B' A' of the *original* weight W
+(`AdapterLayer.lora_update`, the conversions of methods.md):
+- lora, dora: B' = s·B, A' = A;
+- pissa, milora: B' = s·[B, −B₀], A' = [A; A₀], rank 2r (their frozen base was W − s·B₀ A₀);
+- loraxs, edora, lorasb: B' = s·B R, A' = A.
+dora and edora also carry a magnitude m, which is PEFT's DoRA magnitude vector:
+W' = (m / ‖W + B' A'‖_row) ⊙ (W + B' A').
+
+`peft` writes B', A' (and m) as a PEFT LoRA/DoRA adapter with lora_alpha = its rank, so
+PEFT's own scale is 1. `merged` writes W' for every target, one shard at a time. The W
+it merges into is the original weight, or with base "dequantized" the weight the adapter
+was trained against, W − (F − deq(Q(F))) with F the frozen part (see PEFT issue #2105).
 """
 
 import json
-import os
 import shutil
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-from torch import nn
+import torch
+from peft import LoraConfig
+from rich.progress import track
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoTokenizer
 
-from . import __version__
+from . import __version__, quantize
+from .config import parse_size
+from .console import console
 from .errors import QSVDError
-from .load import empty_model, load_tokenizer, open_weights, resolve_model
-from .methods import AdapterSpec
-from .split import adapter_state, restore
+from .load import HUB_ALIASES, ModelFiles, atomic_dir, empty_model, open_weights
+from .memory import return_freed_memory
+from .methods import METHODS
+from .run import Run, check_output, read_run
+from .split import find_targets
 
-ADAPTER_FILE = "adapter.safetensors"
-CONFIG_FILE = "qsvd_config.json"
-LOG_FILE = "train_log.jsonl"
-
-
-def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dict]) -> None:
-    """Write the run files into the staging directory `stage`."""
-    save_file(adapter_state(model), stage / ADAPTER_FILE, metadata={"format": "pt"})
-    record = {"qsvd_version": __version__, "spec": asdict(model.qsvd_spec),
-              "targets": model.qsvd_targets, **record}
-    (stage / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    (stage / LOG_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in log_history))
+FORMATS = ("peft", "merged")
+BASES = ("original", "dequantized")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PEFT_WEIGHTS = "adapter_model.safetensors"
 
 
-def publish(stage: Path, output: Path) -> None:
-    """Move the finished staging directory to `output`, replacing an old run only now."""
-    if output.exists():
-        trash = output.with_name(f".{output.name}.old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(output, trash)
-        shutil.rmtree(trash)
-    os.replace(stage, output)
+@dataclass
+class LoraUpdate:
+    """One target's ΔW = B A on the original weight, with DoRA's magnitude m where there is one."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    magnitude: torch.Tensor | None
+
+    def merge(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + B A, rescaled row by row to m / ‖W + B A‖_row where there is a magnitude (fp32)."""
+        merged = weight.float() + self.B @ self.A
+        if self.magnitude is not None:
+            merged *= (self.magnitude / merged.norm(dim=1))[:, None]
+        return merged
 
 
-def is_run(path: Path) -> bool:
-    """Whether `path` is a qsvd run directory (complete or not)."""
-    return path.is_dir() and (path / CONFIG_FILE).is_file()
+def lora_updates(run: Run, model: torch.nn.Module) -> dict[str, LoraUpdate]:
+    """Every target's update, checked against the shapes of the model's layers."""
+    layer_cls = METHODS[run.spec.method]
+    linears = find_targets(model)
+    updates = {}
+    for name in run.targets:
+        if name not in linears:
+            raise QSVDError(f"the base model has no layer {name}: is it the model {run.path} was trained on?")
+        tensors = run.layer_tensors(name)
+        try:
+            B, A = (t.float() for t in layer_cls.lora_update(tensors, run.spec))
+        except KeyError as error:
+            raise QSVDError(f"{run.path} has no tensor {name}.{error.args[0]}: the run is incomplete") from None
+        magnitude = tensors["magnitude"].float() if "magnitude" in layer_cls.trainable else None
+        out_features, in_features = linears[name].weight.shape
+        if (B.shape[0], A.shape[1]) != (out_features, in_features) or (
+                magnitude is not None and magnitude.shape != (out_features,)):
+            raise QSVDError(f"the adapter of {name} in {run.path} does not fit the layer "
+                            f"({out_features} × {in_features}): the run is corrupt")
+        updates[name] = LoraUpdate(B, A, magnitude)
+    return updates
 
 
-def load_run(run_dir: str | Path, device=None):
-    """(model, tokenizer) rebuilt from a run directory: the base model plus the trained adapter."""
-    run_dir = Path(run_dir)
-    config_path, adapter_path = run_dir / CONFIG_FILE, run_dir / ADAPTER_FILE
-    if not config_path.is_file() or not adapter_path.is_file():
-        raise QSVDError(f"{run_dir} is not a complete qsvd run (needs {CONFIG_FILE} and {ADAPTER_FILE})")
-    record = json.loads(config_path.read_text())
-    trust_remote_code = record["config"]["trust_remote_code"]
-    files = resolve_model(record["config"]["model"])
-    if files.fingerprint != record["model_fingerprint"]:
-        raise QSVDError(f"the model {record['config']['model']} is not the one {run_dir} was trained on "
-                        f"(fingerprint {files.fingerprint} ≠ {record['model_fingerprint']})")
-    model = empty_model(files, trust_remote_code)
-    model = restore(model, AdapterSpec(**record["spec"]), record["targets"], load_file(adapter_path),
-                    device=device, weights=open_weights(files, model), progress=False)
-    return model, load_tokenizer(files, trust_remote_code)
+def base_model_name(run: Run, files: ModelFiles) -> str:
+    """What the export applies to: a hub repo id, or the local directory or GGUF file."""
+    if run.model in HUB_ALIASES:
+        return HUB_ALIASES[run.model]
+    return str(files.weights[0] if files.gguf else files.config_dir)
+
+
+def base_loader(run: Run, files: ModelFiles) -> str:
+    """The Python expression that loads the original base model with transformers."""
+    if files.gguf:
+        gguf = files.weights[0]
+        return f"AutoModelForCausalLM.from_pretrained({str(gguf.parent)!r}, gguf_file={gguf.name!r})"
+    return f"AutoModelForCausalLM.from_pretrained({base_model_name(run, files)!r})"
+
+
+def write_peft(output: Path, run: Run, updates: dict[str, LoraUpdate], base_model: str) -> None:
+    """adapter_config.json (written by PEFT's own LoraConfig) and adapter_model.safetensors."""
+    rank = next(iter(updates.values())).A.shape[0]
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted({n.rsplit(".", 1)[-1] for n in updates}),
+                        lora_dropout=run.spec.dropout, use_dora=has_magnitude(updates), bias="none",
+                        task_type="CAUSAL_LM", base_model_name_or_path=base_model, inference_mode=True)
+    config.save_pretrained(output)
+    tensors = {}
+    for name, update in updates.items():
+        prefix = f"base_model.model.{name}"
+        tensors[f"{prefix}.lora_A.weight"] = update.A.contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = update.B.contiguous()
+        if update.magnitude is not None:
+            tensors[f"{prefix}.lora_magnitude_vector"] = update.magnitude.contiguous()
+    save_file(tensors, output / PEFT_WEIGHTS, metadata={"format": "pt"})
+
+
+def has_magnitude(updates: dict[str, LoraUpdate]) -> bool:
+    return any(update.magnitude is not None for update in updates.values())
+
+
+def checkpoint_names(model: torch.nn.Module) -> list[str]:
+    """The tensors a checkpoint of `model` holds: tied parameters once, under their first name."""
+    unique = dict(model.named_parameters())
+    every_parameter = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return [name for name in model.state_dict() if name in unique or name not in every_parameter]
+
+
+def plan_shards(model: torch.nn.Module, names: list[str], dtype: torch.dtype, shard_bytes: int) -> list[list[str]]:
+    """Consecutive tensors grouped into shards of at most `shard_bytes` (a larger tensor alone)."""
+    state = model.state_dict()
+    shards, size = [[]], 0
+    for name in names:
+        tensor = state[name]
+        nbytes = tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_merged(output: Path, run: Run, files: ModelFiles, model: torch.nn.Module,
+                 updates: dict[str, LoraUpdate], base: str, dtype: torch.dtype, shard_bytes: int) -> None:
+    """A standard HF checkpoint with every update merged, read and written one shard at a time."""
+    layer_cls = METHODS[run.spec.method]
+    weights = open_weights(files, model)
+
+    def export_tensor(name: str) -> torch.Tensor:
+        value = weights.read(name)
+        layer = name.removesuffix(".weight")
+        if layer in updates and name.endswith(".weight"):
+            value = value.float()
+            if base == "dequantized":  # W − (F − deq(Q(F))): what training multiplied by
+                frozen = layer_cls.frozen_weight(value, run.layer_tensors(layer), run.spec)
+                value = value - (frozen - quantize.roundtrip(frozen, run.spec.bits, run.compute_dtype))
+            value = updates[layer].merge(value)
+        return value.to(dtype).contiguous() if value.is_floating_point() else value.contiguous()
+
+    shards = plan_shards(model, checkpoint_names(model), dtype, shard_bytes)
+    file_names = (["model.safetensors"] if len(shards) == 1 else
+                  [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    closes_shard = {names[-1]: file_name for file_name, names in zip(file_names, shards)}
+    weight_map, total_size, shard = {}, 0, {}
+    for name in track([name for names in shards for name in names], description="merge"):
+        shard[name] = export_tensor(name)
+        if name in closes_shard:
+            save_file(shard, output / closes_shard[name], metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, closes_shard[name]))
+            total_size += sum(tensor.nbytes for tensor in shard.values())
+            shard = {}
+            return_freed_memory()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = AutoConfig.from_pretrained(files.config_dir, trust_remote_code=run.trust_remote_code)
+    config.architectures = [type(model).__name__]
+    config.dtype = dtype
+    config.save_pretrained(output)
+    if (files.config_dir / "generation_config.json").is_file():
+        shutil.copyfile(files.config_dir / "generation_config.json", output / "generation_config.json")
+    AutoTokenizer.from_pretrained(files.config_dir, trust_remote_code=run.trust_remote_code).save_pretrained(output)
+
+
+def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, updates: dict[str, LoraUpdate],
+               format: str, base: str, dtype: str) -> None:
+    """README.md: what was trained, on what, how long, how well, and how to load the export."""
+    config, record = run.record["config"], run.record
+    layer_cls = METHODS[run.spec.method]
+    steps = max((entry["step"] for entry in run.log() if "step" in entry), default=None)
+    library = "peft" if format == "peft" else "transformers"
+    if format == "peft":
+        load = (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+                f"base = {base_loader(run, files)}\n"
+                f"model = PeftModel.from_pretrained(base, {str(final_output)!r})")
+        rank = next(iter(updates.values())).A.shape[0]
+        exported = f"a rank-{rank} PEFT " + ("DoRA adapter" if has_magnitude(updates) else "LoRA adapter")
+    else:
+        load = (f"from transformers import AutoModelForCausalLM\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained({str(final_output)!r})")
+        exported = f"a merged checkpoint in {dtype}, merged into the {base} base weights"
+    rows = [("method", f"{run.spec.method}: {layer_cls.summary}"),
+            ("rank", f"{run.spec.rank} (alpha {run.spec.alpha:g}, s = {run.spec.scale:g})"),
+            ("frozen base in training", f"{run.spec.bits}-bit" + (" NF4" if run.spec.bits == 4 else "")),
+            ("base model", f"{config['model']} (fingerprint {run.fingerprint})"),
+            ("data", config.get("data") or "built-in arithmetic word problems"),
+            ("steps", f"{steps} × batch {config['batch_size']} × grad accum {config['grad_accum']}, "
+                      f"seq len {config['seq_len']}, lr {config['lr'] if config.get('lr') else layer_cls.default_lr:g}"),
+            ("trainable params", f"{record.get('trainable_params', 0):,}"),
+            ("final training loss", f"{record['final_loss']:.4f}" if "final_loss" in record else "n/a")]
+    for stem, result in record.get("eval", {}).items():
+        score = (f"perplexity {result['perplexity']:.3f}" if result["task"] == "ppl" else
+                 f"accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['examples']})")
+        rows.append((f"eval: {stem}", f"{result['task']}: {score}"))
+    rows.append(("exported as", f"{exported}, by qsvd {__version__}"))
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    note = ""
+    if run.spec.bits < 16 and base == "original":
+        note = (f"\nThe adapter was trained against a {run.spec.bits}-bit copy of the base. On the original "
+                f"weights its outputs differ from the trained model's by about that quantization's error; "
+                f"`qsvd export --format merged --base dequantized` merges into the weights it was trained against.\n")
+    card = (f"---\nbase_model: {base_model_name(run, files)}\nlibrary_name: {library}\ntags:\n- qsvd\n- {run.spec.method}\n---\n\n"
+            f"# {run.spec.method} fine-tune of {config['model']}\n\nTrained with qsvd (run {run.path.name}).\n\n"
+            f"| | |\n|---|---|\n{table}\n{note}\n## Load\n\n```python\n{load}\n```\n")
+    (output / "README.md").write_text(card)
+
+
+def export(run_dir: str | Path, output: str | Path | None = None, format: str = "peft", base: str = "original",
+           dtype: str = "bf16", shard_size: str = "2GB", overwrite: bool = False) -> Path:
+    """Export a run as `qsvd export` does; returns the export directory.
+
+    Everything is checked before anything is written, and the directory appears in one rename.
+    """
+    if format not in FORMATS:
+        raise QSVDError(f"--format {format!r} is not one of: {', '.join(FORMATS)}")
+    if base not in BASES:
+        raise QSVDError(f"--base {base!r} is not one of: {', '.join(BASES)}")
+    if dtype not in DTYPES:
+        raise QSVDError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    if format == "peft" and base != "original":
+        raise QSVDError("a PEFT adapter always applies to the original base; --base dequantized "
+                        "is for --format merged")
+    shard_bytes = parse_size(shard_size, "--shard-size")
+    run = read_run(run_dir)
+    output = Path(output) if output is not None else run.path.with_name(f"{run.path.name}-{format}")
+    check_output(output, overwrite)
+    files = run.model_files()
+    model = empty_model(files, run.trust_remote_code)
+    updates = lora_updates(run, model)
+
+    def write(tmp: Path) -> None:
+        if format == "peft":
+            write_peft(tmp, run, updates, base_model_name(run, files))
+        else:
+            write_merged(tmp, run, files, model, updates, base, DTYPES[dtype], shard_bytes)
+        write_card(tmp, output, run, files, updates, format, base, dtype)
+
+    atomic_dir(output, write)
+    console.print(f"exported {run.path} ({run.spec.method}) as {format} to {output}")
+    return output

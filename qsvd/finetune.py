@@ -13,9 +13,8 @@ from transformers import set_seed
 from .config import FinetuneConfig
 from .console import console
 from .data import build_dataset, first_batches
-from .errors import QSVDError
 from .evaluate import eval_sets, evaluate_model
-from .export import publish, write_run
+from .run import check_output, publish, write_run
 from .load import load_tokenizer, resolve_model
 from .methods import METHODS
 from .methods.lorasb import init_from_gradients
@@ -38,12 +37,6 @@ class RunSummary:
         return (f"trainable params: {self.trainable_params:,} | final loss: {self.final_loss:.4f} | "
                 f"wall time: {self.seconds:.1f} s | peak memory: {self.peak_memory_mb:,.0f} MB | "
                 f"saved to {self.output}")
-
-
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse to mix runs: an existing non-empty output dir needs --overwrite."""
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise QSVDError(f"--output {output} already holds files; choose another --output or pass --overwrite")
 
 
 def init(config: FinetuneConfig | None = None, **options) -> Path:

@@ -4,6 +4,7 @@ A method is an `AdapterLayer` subclass that defines
 - `split(weight, spec)`: from the fp32 weight W, the adapter's initial tensors;
 - `frozen_weight(weight, tensors, spec)`: what goes into frozen storage (W unless the
   method moves part of W into the adapter);
+- `lora_update(tensors, spec)`: the trained update as a plain LoRA on the original W, for export;
 - `forward(x)`.
 Tensors named in `trainable` become parameters; the rest are frozen buffers.
 """
@@ -75,6 +76,15 @@ class AdapterLayer(nn.Module):
                       spec: AdapterSpec) -> torch.Tensor:
         """The matrix that is stored frozen: W itself unless the method says otherwise."""
         return weight
+
+    @classmethod
+    def lora_update(cls, tensors: dict[str, torch.Tensor],
+                    spec: AdapterSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B', A') with ΔW = B' A' the trained change of the *original* W, the scale folded into B'.
+
+        A magnitude method (dora, edora) applies its m on top: (m / ‖W + B' A'‖_row) ⊙ (W + B' A').
+        """
+        raise NotImplementedError
 
     @property
     def out_features(self) -> int:

@@ -22,6 +22,11 @@ class LoRALayer(AdapterLayer):
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT
         return {"lora_A": lora_A, "lora_B": torch.zeros(out_features, spec.rank, device=weight.device)}
 
+    @classmethod
+    def lora_update(cls, tensors, spec):
+        """B' = s·B, A' = A."""
+        return spec.scale * tensors["lora_B"], tensors["lora_A"]
+
     def adapter_delta(self):
         return self.scale * self.lora_B @ self.lora_A
 

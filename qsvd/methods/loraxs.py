@@ -28,6 +28,11 @@ class LoRAXSLayer(AdapterLayer):
             core.normal_(0.0, CORE_INIT_STD)
         return {"lora_B": u, "core": core, "lora_A": s[:, None] * vh}
 
+    @classmethod
+    def lora_update(cls, tensors, spec):
+        """The base is untouched, so ΔW = s·B R A: B' = s·B R, A' = A."""
+        return spec.scale * tensors["lora_B"] @ tensors["core"], tensors["lora_A"]
+
     def adapter_delta(self):
         return self.scale * self.lora_B @ self.core @ self.lora_A
 

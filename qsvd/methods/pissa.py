@@ -40,5 +40,11 @@ class PiSSALayer(LoRALayer):
         return tensors
 
     @classmethod
+    def lora_update(cls, tensors, spec):
+        """ΔW = s·(B A − B₀ A₀), a rank-2r LoRA: B' = s·[B, −B₀], A' = [A; A₀]."""
+        lora_B = torch.cat([tensors["lora_B"], -tensors["lora_B_init"]], dim=1)
+        return spec.scale * lora_B, torch.cat([tensors["lora_A"], tensors["lora_A_init"]])
+
+    @classmethod
     def frozen_weight(cls, weight, tensors, spec):
         return weight - spec.scale * tensors["lora_B_init"] @ tensors["lora_A_init"]

@@ -1,0 +1,151 @@
+"""The run directory `qsvd finetune` writes, and reading one back, checked.
+
+A run directory holds
+- adapter.safetensors: every adapter tensor (trainable and frozen, without the frozen base);
+- qsvd_config.json: the resolved config, the layer spec, the targets, the model fingerprint,
+  the compute dtype and the adapter file's sha256: all that `load_run` and `qsvd export` need
+  to rebuild or convert the model without any SVD;
+- train_log.jsonl: Trainer's log, one entry a line.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .errors import QSVDError
+from .load import ModelFiles, empty_model, load_tokenizer, open_weights, resolve_model
+from .methods import METHODS, AdapterSpec
+from .split import adapter_state, restore
+
+ADAPTER_FILE = "adapter.safetensors"
+CONFIG_FILE = "qsvd_config.json"
+LOG_FILE = "train_log.jsonl"
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse to mix outputs: an existing non-empty output dir needs --overwrite."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise QSVDError(f"--output {output} already holds files; choose another --output or pass --overwrite")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dict]) -> None:
+    """Write the run files into the staging directory `stage`."""
+    save_file(adapter_state(model), stage / ADAPTER_FILE, metadata={"format": "pt"})
+    compute_dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    record = {"qsvd_version": __version__, "spec": asdict(model.qsvd_spec), "targets": model.qsvd_targets,
+              "compute_dtype": compute_dtype, "adapter_sha256": sha256(stage / ADAPTER_FILE), **record}
+    (stage / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    (stage / LOG_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in log_history))
+
+
+def publish(stage: Path, output: Path) -> None:
+    """Move the finished staging directory to `output`, replacing an old run only now."""
+    if output.exists():
+        trash = output.with_name(f".{output.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(output, trash)
+        shutil.rmtree(trash)
+    os.replace(stage, output)
+
+
+def is_run(path: Path) -> bool:
+    """Whether `path` is a qsvd run directory (complete or not)."""
+    return path.is_dir() and (path / CONFIG_FILE).is_file()
+
+
+@dataclass
+class Run:
+    """A run directory, read and checked: its record, layer spec, targets and adapter tensors."""
+
+    path: Path
+    record: dict
+    spec: AdapterSpec
+    targets: list[str]
+    model: str  # as given to --model
+    fingerprint: str
+    tensors: dict[str, torch.Tensor]
+
+    def layer_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """One target's adapter tensors, by their names in the layer (lora_A, core, magnitude, …)."""
+        return {key.removeprefix(name + "."): t for key, t in self.tensors.items() if key.startswith(name + ".")}
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return getattr(torch, self.record.get("compute_dtype", "float32"))
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return self.record["config"].get("trust_remote_code", False)
+
+    def model_files(self) -> ModelFiles:
+        """The base model's files, checked to be the ones this run was trained on."""
+        files = resolve_model(self.model)
+        if files.fingerprint != self.fingerprint:
+            raise QSVDError(f"the model {self.model} is not the one {self.path} was trained on "
+                            f"(fingerprint {files.fingerprint} ≠ {self.fingerprint})")
+        return files
+
+    def log(self) -> list[dict]:
+        path = self.path / LOG_FILE
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def read_run(run_dir: str | Path) -> Run:
+    """Open a run directory, or say clearly why it is not a complete, intact qsvd run."""
+    run_dir = Path(run_dir)
+    config_path, adapter_path = run_dir / CONFIG_FILE, run_dir / ADAPTER_FILE
+    missing = [path.name for path in (config_path, adapter_path) if not path.is_file()]
+    if not run_dir.is_dir() or missing:
+        what = "no such directory" if not run_dir.is_dir() else f"no {' and no '.join(missing)}"
+        raise QSVDError(f"{run_dir} is not a complete qsvd run ({what}); point at the --output "
+                        f"directory of a finished `qsvd finetune`")
+    try:
+        record = json.loads(config_path.read_text())
+        spec, targets = AdapterSpec(**record["spec"]), list(record["targets"])
+        model, fingerprint = record["config"]["model"], record["model_fingerprint"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise QSVDError(f"{config_path} is corrupt ({type(error).__name__}: {error}); "
+                        f"the run cannot be used, train it again") from None
+    if spec.method not in METHODS:
+        raise QSVDError(f"{config_path} names an unknown method {spec.method!r}")
+    expected = record.get("adapter_sha256")
+    if expected is not None and sha256(adapter_path) != expected:
+        raise QSVDError(f"{adapter_path} does not match the checksum in {CONFIG_FILE}: the file is "
+                        f"corrupt or was changed; the run cannot be used, train it again")
+    try:
+        tensors = load_file(adapter_path)
+    except (SafetensorError, OSError) as error:
+        raise QSVDError(f"{adapter_path} is not a readable safetensors file ({error})") from None
+    run = Run(run_dir, record, spec, targets, model, fingerprint, tensors)
+    empty = [name for name in targets if not run.layer_tensors(name)]
+    if empty:
+        raise QSVDError(f"{adapter_path} has no tensors for layer {empty[0]} ({len(empty)} layers "
+                        f"without any): the run is incomplete")
+    return run
+
+
+def load_run(run_dir: str | Path, device=None):
+    """(model, tokenizer) rebuilt from a run directory: the base model plus the trained adapter."""
+    run = read_run(run_dir)
+    files = run.model_files()
+    model = empty_model(files, run.trust_remote_code)
+    model = restore(model, run.spec, run.targets, run.tensors, device=device,
+                    weights=open_weights(files, model), progress=False)
+    return model, load_tokenizer(files, run.trust_remote_code)

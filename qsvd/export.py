@@ -118,6 +118,7 @@ def has_magnitude(updates: dict[str, LoraUpdate]) -> bool:
 
 def checkpoint_names(model: torch.nn.Module) -> list[str]:
     """The tensors a checkpoint of `model` holds: tied parameters once, under their first name."""
+    model.tie_weights()  # an empty model is built untied
     unique = dict(model.named_parameters())
     every_parameter = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     return [name for name in model.state_dict() if name in unique or name not in every_parameter]

@@ -63,6 +63,7 @@ def atomic_dir(target: Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         write(tmp)
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from other users
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

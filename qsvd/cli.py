@@ -107,7 +107,7 @@ def eval_(ctx: click.Context, target, **options) -> None:
 @click.option("--base", type=click.Choice(BASES), default="original", show_default=True,
               help="merged: merge into the original weights, or into deq(Q(W)), the weights the adapter was trained against.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16", show_default=True, help="merged: weight dtype.")
-@click.option("--shard-size", default="2GB", show_default=True, help="merged: largest safetensors shard; the export holds one shard in memory.")
+@click.option("--shard-size", default="1GB", show_default=True, help="merged: largest safetensors shard; peak memory is about twice this plus one layer, whatever the model size.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export in --output.")
 @click.pass_context
 def export(ctx: click.Context, run_dir, format_, **options) -> None:

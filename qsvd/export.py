@@ -30,7 +30,7 @@ from .config import parse_size
 from .console import console
 from .errors import QSVDError
 from .load import HUB_ALIASES, ModelFiles, atomic_dir, empty_model, open_weights
-from .memory import return_freed_memory
+from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
 from .run import Run, check_output, read_run
 from .split import find_targets
@@ -127,16 +127,12 @@ def checkpoint_names(model: torch.nn.Module) -> list[str]:
 def plan_shards(model: torch.nn.Module, names: list[str], dtype: torch.dtype, shard_bytes: int) -> list[list[str]]:
     """Consecutive tensors grouped into shards of at most `shard_bytes` (a larger tensor alone)."""
     state = model.state_dict()
-    shards, size = [[]], 0
-    for name in names:
+
+    def stored_bytes(name: str) -> int:
         tensor = state[name]
-        nbytes = tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
+        return tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+
+    return group_by_size({name: stored_bytes(name) for name in names}, shard_bytes)
 
 
 def write_merged(output: Path, run: Run, files: ModelFiles, model: torch.nn.Module,
@@ -225,7 +221,7 @@ def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, up
 
 
 def export(run_dir: str | Path, output: str | Path | None = None, format: str = "peft", base: str = "original",
-           dtype: str = "bf16", shard_size: str = "2GB", overwrite: bool = False) -> Path:
+           dtype: str = "bf16", shard_size: str = "1GB", overwrite: bool = False) -> Path:
     """Export a run as `qsvd export` does; returns the export directory.
 
     Everything is checked before anything is written, and the directory appears in one rename.

@@ -65,3 +65,15 @@ def free_memory_bytes(device: torch.device) -> int:
             return next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable")) * 1024
     except (OSError, StopIteration):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def group_by_size(sizes: dict[str, int], budget: int) -> list[list[str]]:
+    """Consecutive names whose sizes fit in `budget` together; one larger than it goes alone."""
+    groups, used = [[]], 0
+    for name, size in sizes.items():
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups

@@ -38,6 +38,20 @@ def test_quality_quick_scores_every_method(tmp_path):
     assert (tmp_path / "quality.md").is_file() and (tmp_path / "quality.png").is_file()
 
 
+@pytest.mark.slow
+def test_export_memory_quick_merges_like_peft_in_less_memory(tmp_path):
+    figures = last_json_line([BENCHMARKS / "export_memory.py", "--quick"], tmp_path)
+    assert figures["max_weight_gap"] < 1e-2  # the same merged weights as PEFT's, up to bf16 rounding
+    assert 0 < figures["small_shards_mem_ratio"] <= figures["mem_ratio"] and figures["time_ratio"] > 0
+
+
+@pytest.mark.slow
+def test_export_fidelity_quick_compares_every_export(tmp_path):
+    figures = last_json_line([BENCHMARKS / "export_fidelity.py", "--quick"], tmp_path)
+    for method in ("edora", "milora"):
+        assert figures[f"{method}_dequantized_kl_ratio"] < 0.05 < figures[f"{method}_peft_kl_ratio"]
+
+
 def test_quality_report_writes_table_plot_and_summary(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     quality = importlib.import_module("quality")

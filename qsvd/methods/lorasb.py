@@ -16,7 +16,7 @@ from torch import nn
 from .. import svd
 from ..console import console
 from ..loss import supervised_loss
-from ..memory import free_memory_bytes, return_freed_memory
+from ..memory import free_memory_bytes, group_by_size, return_freed_memory
 from .loraxs import LoRAXSLayer
 
 
@@ -130,15 +130,8 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
 def layer_groups(layers: dict[str, LoRASBLayer], budget_bytes: int) -> list[list[str]]:
     """Consecutive layers whose fp32 gradients (4·out·in bytes each) fit in the budget together;
     a layer larger than the budget forms a group of its own."""
-    groups, used = [[]], 0
-    for name, layer in layers.items():
-        size = 4 * layer.out_features * layer.in_features
-        if groups[-1] and used + size > budget_bytes:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += size
-    return groups
+    return group_by_size({name: 4 * layer.out_features * layer.in_features for name, layer in layers.items()},
+                         budget_bytes)
 
 
 def init_from_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],

@@ -107,7 +107,7 @@ def main() -> None:
     for method, figures in results.items():
         for name in ("peft", "merged original", "merged dequantized"):
             f = figures[name]
-            print(f"{method:<8}{name:<20}{f['kl']:>10.2e}{f['kl'] / yardstick['kl']:>15.3f}"
+            print(f"{method:<8}{name:<20}{f['kl']:>10.2e}{f['kl'] / yardstick['kl']:>15.3g}"
                   f"{100 * f['top1']:>7.1f}%{f['max_gap']:>14.3f}")
         for name, key in (("peft", "peft"), ("merged dequantized", "dequantized")):
             summary[f"{method}_{key}_kl_ratio"] = float(f"{figures[name]['kl'] / yardstick['kl']:.3g}")

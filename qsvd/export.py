@@ -95,10 +95,18 @@ def base_loader(run: Run, files: ModelFiles) -> str:
     return f"AutoModelForCausalLM.from_pretrained({base_model_name(run, files)!r})"
 
 
-def write_peft(output: Path, run: Run, updates: dict[str, LoraUpdate], base_model: str) -> None:
+def peft_targets(updates: dict[str, LoraUpdate], model: torch.nn.Module) -> list[str]:
+    """PEFT's target_modules: the layer kinds (q_proj, …) where they name exactly the adapted
+    layers, else every adapted layer by its full name."""
+    kinds = sorted({name.rsplit(".", 1)[-1] for name in updates})
+    return kinds if find_targets(model, kinds).keys() == updates.keys() else sorted(updates)
+
+
+def write_peft(output: Path, run: Run, updates: dict[str, LoraUpdate], target_modules: list[str],
+               base_model: str) -> None:
     """adapter_config.json (written by PEFT's own LoraConfig) and adapter_model.safetensors."""
     rank = next(iter(updates.values())).A.shape[0]
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted({n.rsplit(".", 1)[-1] for n in updates}),
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules,
                         lora_dropout=run.spec.dropout, use_dora=has_magnitude(updates), bias="none",
                         task_type="CAUSAL_LM", base_model_name_or_path=base_model, inference_mode=True)
     config.save_pretrained(output)
@@ -245,7 +253,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
 
     def write(tmp: Path) -> None:
         if format == "peft":
-            write_peft(tmp, run, updates, base_model_name(run, files))
+            write_peft(tmp, run, updates, peft_targets(updates, model), base_model_name(run, files))
         else:
             write_merged(tmp, run, files, model, updates, base, DTYPES[dtype], shard_bytes)
         write_card(tmp, output, run, files, updates, format, base, dtype)

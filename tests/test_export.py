@@ -118,6 +118,17 @@ def write_rows(path: Path) -> str:
     return str(path)
 
 
+def test_peft_targets_name_exactly_the_adapted_layers(tiny_model_dir, tmp_path):
+    qsvd.finetune(model=str(tiny_model_dir), method="lora", bits=16, rank=4, max_steps=1, seq_len=400,
+                  targets=["q_proj", "layers.1.mlp.up_proj"], output=str(tmp_path / "run"))
+    config = json.loads((qsvd.export(tmp_path / "run", tmp_path / "peft") / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj",
+                                                "model.layers.1.self_attn.q_proj"]
+    train(tiny_model_dir, tmp_path / "all", "lora", 16)
+    config = json.loads((qsvd.export(tmp_path / "all", tmp_path / "all-peft") / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
 def test_cli_export_defaults_beside_the_run(tiny_model_dir, tmp_path):
     train(tiny_model_dir, tmp_path / "run", "loraxs")
     result = CliRunner().invoke(cli, ["export", str(tmp_path / "run")])

@@ -61,6 +61,8 @@ def test_exports_reproduce_the_trained_model(method, bits, tiny_model_dir, tmp_p
     merged = {base: logits(load_hf(qsvd.export(tmp_path / "run", tmp_path / base, format="merged",
                                                base=base, dtype="fp32")))
               for base in ("original", "dequantized")}
+    again = qsvd.export(tmp_path / "run", tmp_path / "again", format="merged", base="dequantized", dtype="fp32")
+    assert (again / "model.safetensors").read_bytes() == (tmp_path / "dequantized" / "model.safetensors").read_bytes()
     # Merging into the original weights is what PEFT computes; merging into deq(Q(W)) is the trained model.
     assert biggest_gap(merged["original"], peft_logits) < 1e-5
     assert biggest_gap(merged["dequantized"], trained) < 1e-5

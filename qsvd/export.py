@@ -152,7 +152,7 @@ def write_merged(output: Path, run: Run, files: ModelFiles, model: torch.nn.Modu
     def export_tensor(name: str) -> torch.Tensor:
         value = weights.read(name)
         layer = name.removesuffix(".weight")
-        if layer in updates and name.endswith(".weight"):
+        if layer in updates:  # a target's weight (its bias is copied as it is)
             value = value.float()
             if base == "dequantized":  # W − (F − deq(Q(F))): what training multiplied by
                 frozen = layer_cls.frozen_weight(value, run.layer_tensors(layer), run.spec)
@@ -185,47 +185,50 @@ def write_merged(output: Path, run: Run, files: ModelFiles, model: torch.nn.Modu
     AutoTokenizer.from_pretrained(files.config_dir, trust_remote_code=run.trust_remote_code).save_pretrained(output)
 
 
-def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, updates: dict[str, LoraUpdate],
-               format: str, base: str, dtype: str) -> None:
-    """README.md: what was trained, on what, how long, how well, and how to load the export."""
-    config, record = run.record["config"], run.record
-    layer_cls = METHODS[run.spec.method]
-    steps = max((entry["step"] for entry in run.log() if "step" in entry), default=None)
-    library = "peft" if format == "peft" else "transformers"
-    if format == "peft":
-        load = (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
-                f"base = {base_loader(run, files)}\n"
-                f"model = PeftModel.from_pretrained(base, {str(final_output)!r})")
-        rank = next(iter(updates.values())).A.shape[0]
-        exported = f"a rank-{rank} PEFT " + ("DoRA adapter" if has_magnitude(updates) else "LoRA adapter")
-    else:
-        load = (f"from transformers import AutoModelForCausalLM\n\n"
-                f"model = AutoModelForCausalLM.from_pretrained({str(final_output)!r})")
-        exported = f"a merged checkpoint in {dtype}, merged into the {base} base weights"
-    rows = [("method", f"{run.spec.method}: {layer_cls.summary}"),
-            ("rank", f"{run.spec.rank} (alpha {run.spec.alpha:g}, s = {run.spec.scale:g})"),
-            ("frozen base in training", f"{run.spec.bits}-bit" + (" NF4" if run.spec.bits == 4 else "")),
-            ("base model", f"{config['model']} (fingerprint {run.fingerprint})"),
+def card_rows(run: Run, updates: dict[str, LoraUpdate], exported: str) -> list[tuple[str, str]]:
+    """The adapter card's table: the method, the base, the data, the budget and the scores."""
+    config, record, spec = run.record["config"], run.record, run.spec
+    steps = max((entry["step"] for entry in run.log if "step" in entry), default="?")
+    rows = [("method", f"{spec.method}: {METHODS[spec.method].summary}"),
+            ("rank", f"{spec.rank} (alpha {spec.alpha:g}, s = {spec.scale:g})"),
+            ("frozen base in training", f"{spec.bits}-bit" + (" NF4" if spec.bits == 4 else "")),
+            ("base model", f"{run.model} (fingerprint {run.fingerprint})"),
             ("data", config.get("data") or "built-in arithmetic word problems"),
-            ("steps", f"{steps} × batch {config['batch_size']} × grad accum {config['grad_accum']}, "
-                      f"seq len {config['seq_len']}, lr {config['lr'] if config.get('lr') else layer_cls.default_lr:g}"),
-            ("trainable params", f"{record.get('trainable_params', 0):,}"),
-            ("final training loss", f"{record['final_loss']:.4f}" if "final_loss" in record else "n/a")]
+            ("steps", f"{steps} × batch {config.get('batch_size')} × grad accum {config.get('grad_accum')}, "
+                      f"seq len {config.get('seq_len')}, lr {config.get('lr')}"),
+            ("trainable params", f"{record['trainable_params']:,}"),
+            ("final training loss", f"{record['final_loss']:.4f}")]
     for stem, result in record.get("eval", {}).items():
         score = (f"perplexity {result['perplexity']:.3f}" if result["task"] == "ppl" else
                  f"accuracy {100 * result['accuracy']:.1f}% ({result['correct']}/{result['examples']})")
         rows.append((f"eval: {stem}", f"{result['task']}: {score}"))
-    rows.append(("exported as", f"{exported}, by qsvd {__version__}"))
-    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    return rows + [("exported as", f"{exported}, by qsvd {__version__}")]
+
+
+def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, updates: dict[str, LoraUpdate],
+               format: str, base: str, dtype: str) -> None:
+    """README.md: what was trained, on what, how long, how well, and how to load the export."""
+    if format == "peft":
+        rank = next(iter(updates.values())).A.shape[0]
+        exported = f"a rank-{rank} PEFT " + ("DoRA adapter" if has_magnitude(updates) else "LoRA adapter")
+        load = (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
+                f"base = {base_loader(run, files)}\nmodel = PeftModel.from_pretrained(base, {str(final_output)!r})")
+    else:
+        exported = f"a merged checkpoint in {dtype}, merged into the {base} base weights"
+        load = (f"from transformers import AutoModelForCausalLM\n\n"
+                f"model = AutoModelForCausalLM.from_pretrained({str(final_output)!r})")
+    table = "\n".join(f"| {key} | {value} |" for key, value in card_rows(run, updates, exported))
     note = ""
     if run.spec.bits < 16 and base == "original":
         note = (f"\nThe adapter was trained against a {run.spec.bits}-bit copy of the base. On the original "
                 f"weights its outputs differ from the trained model's by about that quantization's error; "
                 f"`qsvd export --format merged --base dequantized` merges into the weights it was trained against.\n")
-    card = (f"---\nbase_model: {base_model_name(run, files)}\nlibrary_name: {library}\ntags:\n- qsvd\n- {run.spec.method}\n---\n\n"
-            f"# {run.spec.method} fine-tune of {config['model']}\n\nTrained with qsvd (run {run.path.name}).\n\n"
-            f"| | |\n|---|---|\n{table}\n{note}\n## Load\n\n```python\n{load}\n```\n")
-    (output / "README.md").write_text(card)
+    front_matter = (f"---\nbase_model: {base_model_name(run, files)}\n"
+                    f"library_name: {'peft' if format == 'peft' else 'transformers'}\n"
+                    f"tags:\n- qsvd\n- {run.spec.method}\n---\n")
+    (output / "README.md").write_text(
+        f"{front_matter}\n# {run.spec.method} fine-tune of {run.model}\n\nTrained with qsvd (run {run.path.name}).\n\n"
+        f"| | |\n|---|---|\n{table}\n{note}\n## Load\n\n```python\n{load}\n```\n")
 
 
 def export(run_dir: str | Path, output: str | Path | None = None, format: str = "peft", base: str = "original",

@@ -29,6 +29,7 @@ from .split import adapter_state, restore
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "qsvd_config.json"
 LOG_FILE = "train_log.jsonl"
+RECORD_KEYS = ("spec", "targets", "config", "model_fingerprint", "trainable_params", "final_loss")
 
 
 def check_output(output: Path, overwrite: bool) -> None:
@@ -81,6 +82,7 @@ class Run:
     model: str  # as given to --model
     fingerprint: str
     tensors: dict[str, torch.Tensor]
+    log: list[dict]  # Trainer's log entries
 
     def layer_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """One target's adapter tensors, by their names in the layer (lora_A, core, magnitude, …)."""
@@ -102,9 +104,39 @@ class Run:
                             f"(fingerprint {files.fingerprint} ≠ {self.fingerprint})")
         return files
 
-    def log(self) -> list[dict]:
-        path = self.path / LOG_FILE
+
+
+def read_log(path: Path) -> list[dict]:
+    """Trainer's log entries (none if the file is missing)."""
+    try:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    except ValueError:
+        raise QSVDError(f"{path} is corrupt (not one JSON object a line)") from None
+
+
+def read_record(path: Path) -> dict:
+    """The run record, checked to hold what a finished run's record holds."""
+    def corrupt(why: str) -> QSVDError:
+        return QSVDError(f"{path} is corrupt ({why}); the run cannot be used, train it again")
+
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as error:
+        raise corrupt(f"not JSON: {error}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise corrupt("not a run record")
+    missing = [key for key in RECORD_KEYS if key not in record]
+    if "model" not in record["config"]:
+        missing.append("config.model")
+    if missing:
+        raise corrupt(f"it has no {missing[0]}")
+    try:
+        spec = AdapterSpec(**record["spec"])
+    except TypeError as error:
+        raise corrupt(f"its layer spec: {error}") from None
+    if spec.method not in METHODS:
+        raise corrupt(f"unknown method {spec.method!r}")
+    return record
 
 
 def read_run(run_dir: str | Path) -> Run:
@@ -116,15 +148,7 @@ def read_run(run_dir: str | Path) -> Run:
         what = "no such directory" if not run_dir.is_dir() else f"no {' and no '.join(missing)}"
         raise QSVDError(f"{run_dir} is not a complete qsvd run ({what}); point at the --output "
                         f"directory of a finished `qsvd finetune`")
-    try:
-        record = json.loads(config_path.read_text())
-        spec, targets = AdapterSpec(**record["spec"]), list(record["targets"])
-        model, fingerprint = record["config"]["model"], record["model_fingerprint"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise QSVDError(f"{config_path} is corrupt ({type(error).__name__}: {error}); "
-                        f"the run cannot be used, train it again") from None
-    if spec.method not in METHODS:
-        raise QSVDError(f"{config_path} names an unknown method {spec.method!r}")
+    record = read_record(config_path)
     expected = record.get("adapter_sha256")
     if expected is not None and sha256(adapter_path) != expected:
         raise QSVDError(f"{adapter_path} does not match the checksum in {CONFIG_FILE}: the file is "
@@ -133,8 +157,9 @@ def read_run(run_dir: str | Path) -> Run:
         tensors = load_file(adapter_path)
     except (SafetensorError, OSError) as error:
         raise QSVDError(f"{adapter_path} is not a readable safetensors file ({error})") from None
-    run = Run(run_dir, record, spec, targets, model, fingerprint, tensors)
-    empty = [name for name in targets if not run.layer_tensors(name)]
+    run = Run(run_dir, record, AdapterSpec(**record["spec"]), list(record["targets"]), record["config"]["model"],
+              record["model_fingerprint"], tensors, read_log(run_dir / LOG_FILE))
+    empty = [name for name in run.targets if not run.layer_tensors(name)]
     if empty:
         raise QSVDError(f"{adapter_path} has no tensors for layer {empty[0]} ({len(empty)} layers "
                         f"without any): the run is incomplete")

@@ -148,6 +148,12 @@ def break_run(run: Path, how: str) -> None:
         adapter.unlink()
     elif how == "config not json":
         record_path.write_text(record_path.read_text()[:40])
+    elif how == "record without spec":
+        record = json.loads(record_path.read_text())
+        del record["spec"]
+        record_path.write_text(json.dumps(record))
+    elif how == "log not json":
+        (run / "train_log.jsonl").write_text("{'loss': 1.0")
     elif how == "truncated adapter":
         adapter.write_bytes(adapter.read_bytes()[:-100])
     elif how == "changed adapter":
@@ -167,7 +173,9 @@ def break_run(run: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how, message", [
     ("missing adapter", "is not a complete qsvd run (no adapter.safetensors)"),
-    ("config not json", "qsvd_config.json is corrupt"),
+    ("config not json", "qsvd_config.json is corrupt (not JSON"),
+    ("record without spec", "qsvd_config.json is corrupt (it has no spec)"),
+    ("log not json", "train_log.jsonl is corrupt"),
     ("truncated adapter", "does not match the checksum"),
     ("changed adapter", "does not match the checksum"),
     ("truncated adapter, no checksum", "is not a readable safetensors file"),

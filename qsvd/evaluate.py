@@ -28,9 +28,9 @@ from .config import check_positive
 from .console import console
 from .data import IGNORE_INDEX, collator, detect_format, prompt_and_completion, read_rows, to_chat, tokenize, tokenize_prompt
 from .errors import QSVDError
-from .run import is_run, load_run
 from .load import load_tokenizer, resolve_model
 from .loss import row_log_likelihoods
+from .run import is_run, load_run
 from .split import quantized_model
 
 TASKS = ("gen", "choice", "ppl")

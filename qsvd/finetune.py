@@ -14,11 +14,11 @@ from .config import FinetuneConfig
 from .console import console
 from .data import build_dataset, first_batches
 from .evaluate import eval_sets, evaluate_model
-from .run import check_output, publish, write_run
 from .load import load_tokenizer, resolve_model
 from .methods import METHODS
 from .methods.lorasb import init_from_gradients
 from .prepared import build_to_disk, lookup, obtain
+from .run import check_output, publish, write_run
 from .split import adapter_layers, default_device
 from .train import CHECKPOINTING, first_step_lr, train
 

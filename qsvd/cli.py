@@ -37,6 +37,7 @@ def split_options(command):
         click.option("--refine-iters", type=int, help="pissa: quantization-aware refinement iterations (default 0)."),
         click.option("--svd-niter", type=int, help="Top-r SVD (pissa, loraxs, edora, lorasb): randomized, with this many power iterations (default: exact)."),
         click.option("--seed", type=int, help="Random seed (default 42)."),
+        click.option("--trust-remote-code", is_flag=True, default=None, help="Run the model repository's own Python code (off unless given)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -58,8 +59,10 @@ def split_options(command):
 @click.option("--grad-sketch", is_flag=True, default=None, help="lorasb: one pass over all layers with a rank-(2r+1) sketch of each gradient instead of groups (approximate, little memory).")
 @click.option("--eval-data", multiple=True, help="Evaluate the trained model on this file at the end (repeatable); see `qsvd eval`.")
 @click.option("--eval-task", type=click.Choice(TASKS), help="Task for --eval-data (default: chosen by the data, as `qsvd eval` does).")
+@click.option("--save-steps", type=int, help="Save a checkpoint every N steps, beside --output until the run finishes (default 50).")
+@click.option("--resume", is_flag=True, default=None, help="Continue the interrupted run in --output from its newest complete checkpoint.")
 @click.option("--output", help="Run directory (default runs/<method>).")
-@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run in --output.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run (finished or interrupted) in --output.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without building anything.")
 @click.pass_context
 def finetune(ctx: click.Context, config_file, dry_run, **flags) -> None:

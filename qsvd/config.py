@@ -42,6 +42,8 @@ class FinetuneConfig:
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_8bit"
     logging_steps: int = 1
+    save_steps: int | None = 50  # a checkpoint every this many steps (None: none)
+    resume: bool = False  # continue an interrupted run in --output from its newest checkpoint
     output: str | None = None  # default: runs/<method>
     overwrite: bool = False
     seed: int = 42
@@ -82,7 +84,7 @@ class FinetuneConfig:
         self.spec()  # checks method, bits, rank, alpha, dropout, core_init, refine_iters, svd_niter
         positive = {"lr": self.lr, "batch-size": self.batch_size, "grad-accum": self.grad_accum,
                     "seq-len": self.seq_len, "max-steps": self.max_steps, "epochs": self.epochs,
-                    "grad-samples": self.grad_samples}
+                    "grad-samples": self.grad_samples, "save-steps": self.save_steps}
         check_positive(positive)
         if self.max_steps is not None and self.epochs is not None:
             raise QSVDError("give --max-steps or --epochs, not both")

@@ -1,5 +1,27 @@
 """The one exception type a user sees as a one-line message instead of a traceback."""
 
+from contextlib import contextmanager
+
 
 class QSVDError(Exception):
     """A problem with the user's input, with a message that names it and the fix."""
+
+
+OUT_OF_MEMORY_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU or CPU allocation failure (torch.OutOfMemoryError, MemoryError or the CPU allocator's)."""
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and any(text in str(error) for text in OUT_OF_MEMORY_MESSAGES))
+
+
+@contextmanager
+def out_of_memory_advice(doing: str, advice: str):
+    """Turn running out of memory into a QSVDError that says what was being done and what helps."""
+    try:
+        yield
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        raise QSVDError(f"out of memory while {doing}; to need less: {advice}") from error

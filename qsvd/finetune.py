@@ -2,7 +2,6 @@
 
 import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,17 +9,19 @@ from pathlib import Path
 from torch import nn
 from transformers import set_seed
 
+from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_dir, step_of
 from .config import FinetuneConfig
 from .console import console
 from .data import build_dataset, first_batches
+from .errors import QSVDError, out_of_memory_advice
 from .evaluate import eval_sets, evaluate_model
 from .load import load_tokenizer, resolve_model
 from .methods import METHODS
 from .methods.lorasb import init_from_gradients
 from .prepared import build_to_disk, lookup, obtain
-from .run import check_output, publish, write_run
+from .run import publish, write_run
 from .split import adapter_layers, default_device
-from .train import CHECKPOINTING, first_step_lr, train
+from .train import CHECKPOINTING, NonFiniteLoss, first_step_lr, train
 
 
 
@@ -58,7 +59,7 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     start = time.perf_counter()
     config = config or FinetuneConfig.resolve(**options)
     output = config.output_dir
-    check_output(output, config.overwrite)
+    resume_from = resume_point(config, output)
     set_seed(config.seed)
 
     # 1. load: the model's files and tokenizer, and the data (the weights are read in step 2)
@@ -70,21 +71,25 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
                   f"rank {config.rank}, lr {config.learning_rate:g}")
 
     # 2-3. split each target layer as it is read and quantize its frozen part, or reuse that work
-    model, prepared = obtain(files, config.spec(), config.targets, config.seed,
-                             trust_remote_code=config.trust_remote_code)
-    if METHODS[config.method].needs_gradient_init:
+    with out_of_memory_advice("splitting and quantizing the model", "a smaller --rank, --svd-niter 2, or fewer --targets"):
+        model, prepared = obtain(files, config.spec(), config.targets, config.seed,
+                                 trust_remote_code=config.trust_remote_code)
+    if METHODS[config.method].needs_gradient_init and resume_from is None:  # a checkpoint holds the init
         if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
         batches = first_batches(dataset, tokenizer, config.gradient_samples, config.batch_size, config.seed)
-        init_from_gradients(model, adapter_layers(model), batches, first_step_lr(config, len(dataset)),
-                            config.grad_budget_bytes, config.grad_sketch)
+        with out_of_memory_advice("estimating lorasb's gradients", "--grad-mem-budget 1GB, --grad-sketch, "
+                                  "or fewer --grad-samples"):
+            init_from_gradients(model, adapter_layers(model), batches, first_step_lr(config, len(dataset)),
+                                config.grad_budget_bytes, config.grad_sketch)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    # 4-5. train in a staging directory, then publish the finished run in one rename
-    output.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    # 4. train, checkpointing into the work dir beside --output; 5. publish the run in one rename
+    work = start_work_dir(config, output)
+    stage = work / "stage"  # the run's files, renamed to --output when complete
+    stage.mkdir()
     try:
-        outcome = train(model, tokenizer, dataset, config, stage / "trainer")
+        outcome = train_with_advice(model, tokenizer, dataset, config, work, resume_from)
         record = {"config": config.resolved(), "model_path": str(files.config_dir),
                   "model_fingerprint": files.fingerprint, "prepared_model": str(prepared),
                   "trainable_params": trainable,
@@ -92,19 +97,38 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
                   "median_step_seconds": statistics.median(outcome.step_seconds or [float("nan")]),
                   "setup_peak_memory_mb": outcome.setup_peak_memory_mb,
                   "train_peak_memory_mb": outcome.train_peak_memory_mb,
-                  "peak_memory_mb": outcome.peak_memory_mb}
-        shutil.rmtree(stage / "trainer", ignore_errors=True)
-        record["eval"] = {}
+                  "peak_memory_mb": outcome.peak_memory_mb, "eval": {}}
         for path, rows, task in evaluations:
             predictions = f"eval-{path.stem}-{task}.jsonl"
-            result = evaluate_model(model, tokenizer, rows, task, stage / predictions, source=f"--eval-data {path}")
+            with out_of_memory_advice(f"evaluating on {path}", f"evaluate later with `qsvd eval {output} "
+                                      f"--data {path} --batch-size 1`"):
+                result = evaluate_model(model, tokenizer, rows, task, stage / predictions, source=f"--eval-data {path}")
             console.print(f"{path.name}: {result.line().rsplit(' | ', 1)[0]}")
             record["eval"][path.stem] = result.summary() | {"predictions": predictions}
         write_run(stage, model, record, outcome.log_history)
         publish(stage, output)
+        shutil.rmtree(work)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        if work.is_dir() and newest_intact(work / CHECKPOINTS) is None:
+            shutil.rmtree(work)  # nothing to resume from
     summary = RunSummary(model, output, trainable, outcome.final_loss, time.perf_counter() - start,
                          outcome.peak_memory_mb)
     console.print(summary.line())
     return summary
+
+
+def train_with_advice(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, work: Path,
+                      resume_from: Path | None):
+    """`train`, with a diverged loss or running out of memory told as what to do next."""
+    advice = (f"start over (--overwrite) with --batch-size {max(1, config.batch_size // 2)} --grad-accum "
+              f"{config.grad_accum * 2} (the same effective batch), a shorter --seq-len, or --bits 4")
+    try:
+        with out_of_memory_advice("training", advice):
+            return train(model, tokenizer, dataset, config, work / "trainer", work / CHECKPOINTS, resume_from)
+    except NonFiniteLoss as error:
+        newest = newest_intact(work / CHECKPOINTS)
+        resume = (f"the last good checkpoint is step {step_of(newest)} in {work / CHECKPOINTS}: continue with "
+                  f"the same command and --resume, or start over with a lower --lr and --overwrite" if newest else
+                  "no checkpoint was saved before it; start over with a lower --lr and --overwrite")
+        raise QSVDError(f"training stopped: {error} (lr {config.learning_rate:g}); {resume}") from None

@@ -1,4 +1,9 @@
-"""Stage 4: train the adapters with transformers' Trainer (paged 8-bit AdamW, checkpointing on)."""
+"""Stage 4: train the adapters with transformers' Trainer (paged 8-bit AdamW, checkpointing on).
+
+Every `save_steps` Trainer saves a checkpoint (the adapter tensors as safetensors, optimizer,
+scheduler, RNG and trainer state), which `checkpoints.SealCheckpoints` seals and publishes;
+`resume_from` continues from one exactly. A loss that is not finite stops training at once.
+"""
 
 import math
 import time
@@ -7,13 +12,17 @@ from pathlib import Path
 
 import datasets
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
+from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
 from .data import collator
 from .loss import supervised_loss
 from .memory import peak_memory_mb, reset_peak_memory, return_freed_memory
-from .split import compute_dtype
+from .split import adapter_state, compute_dtype
+
+CHECKPOINT_ADAPTER = "adapter.safetensors"
 
 
 @dataclass
@@ -49,7 +58,8 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         logging_steps=config.logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if config.save_steps else "no",
+        save_steps=config.save_steps or 500,
         report_to="none",
         seed=config.seed,
         data_seed=config.seed,
@@ -86,8 +96,37 @@ class StepClock(TrainerCallback):
             state.log_history[-1]["step_seconds"] = round(self.step_seconds[-1], 4)
 
 
+class NonFiniteLoss(Exception):
+    """Training produced a NaN or infinite loss."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"the loss became {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
 class SupervisedTokensTrainer(Trainer):
-    """Trainer whose training loss is `supervised_loss`: the same loss, with logits only where needed."""
+    """Trainer whose training loss is `supervised_loss`: the same loss, with logits only where needed.
+
+    Its checkpoints hold the adapter tensors only (the frozen base is rebuilt from the run's
+    config), and it stops at the first loss that is not finite.
+    """
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(self.state.global_step + 1, loss.item())
+        return loss
+
+    def _save(self, output_dir=None, state_dict=None):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        save_file(adapter_state(self.model), Path(output_dir) / CHECKPOINT_ADAPTER, metadata={"format": "pt"})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        tensors = load_file(Path(resume_from_checkpoint) / CHECKPOINT_ADAPTER)
+        missing = set(adapter_state(self.model)) - tensors.keys()
+        if missing:
+            raise ValueError(f"{resume_from_checkpoint} lacks adapter tensors such as {sorted(missing)[0]}")
+        self.model.load_state_dict(tensors, strict=False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or self.accelerator.unwrap_model(model) is not model:
@@ -101,18 +140,22 @@ class SupervisedTokensTrainer(Trainer):
 
 
 def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,
-          config: FinetuneConfig, work_dir: Path,
+          config: FinetuneConfig, work_dir: Path, checkpoints: Path | None = None, resume_from: Path | None = None,
           trainer_class: type[Trainer] = SupervisedTokensTrainer) -> TrainOutcome:
-    """Run Trainer over `dataset`; Trainer shows the progress bar and logs the loss."""
+    """Run Trainer over `dataset`; Trainer shows the progress bar and logs the loss.
+
+    Checkpoints are staged in `work_dir` and published, sealed, in `checkpoints`.
+    """
     args = training_arguments(config, work_dir, compute_dtype(model.device))
     clock = StepClock()
+    callbacks = [clock] + ([SealCheckpoints(checkpoints)] if checkpoints is not None else [])
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator(tokenizer),
-                            processing_class=tokenizer, callbacks=[clock])
+                            processing_class=tokenizer, callbacks=callbacks)
     setup_peak = peak_memory_mb(model.device)
     return_freed_memory(collect=True)  # what setup left behind, so the training peak is training's own
     reset_peak_memory(model.device)
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]

@@ -1,0 +1,128 @@
+"""Training checkpoints that survive a kill: sealed with a manifest, published by one rename.
+
+A run in progress keeps its resolved config and its checkpoints in a work dir beside --output
+(`.<name>.partial`); the finished run replaces it.
+
+Trainer writes each checkpoint (adapter tensors, optimizer, scheduler, RNG states, trainer state)
+into a staging directory. `SealCheckpoints` then writes manifest.json (sha256 and size of every
+file) into it and renames it into `checkpoints/`. A checkpoint there whose manifest is missing or
+does not match its files is never resumed from.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .config import FinetuneConfig
+from .console import console
+from .errors import QSVDError
+from .run import check_output, is_run, sha256
+
+MANIFEST = "manifest.json"
+KEEP = 2  # sealed checkpoints kept: the newest and the one before it
+
+
+def seal(checkpoint: Path) -> None:
+    """Write the manifest of every file in `checkpoint`, to a temp name and then renamed."""
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    manifest = {str(p.relative_to(checkpoint)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
+    tmp = checkpoint / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, checkpoint / MANIFEST)
+
+
+def is_intact(checkpoint: Path) -> bool:
+    """Whether the checkpoint has a manifest and every file matches it."""
+    try:
+        manifest = json.loads((checkpoint / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return all((checkpoint / name).is_file() and (checkpoint / name).stat().st_size == entry["bytes"]
+               and sha256(checkpoint / name) == entry["sha256"] for name, entry in manifest.items())
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[-1])
+
+
+def sealed_checkpoints(directory: Path) -> list[Path]:
+    """The checkpoints in `directory`, oldest first (by step)."""
+    found = [p for p in directory.glob("checkpoint-*") if p.is_dir() and p.name.rsplit("-", 1)[-1].isdigit()]
+    return sorted(found, key=step_of)
+
+
+def newest_intact(directory: Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest."""
+    return next((p for p in reversed(sealed_checkpoints(directory)) if is_intact(p)), None)
+
+
+class SealCheckpoints(TrainerCallback):
+    """After Trainer saves checkpoint-N into its output dir: seal it, move it into `directory`,
+    and drop all but the newest `KEEP`."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def on_save(self, args, state, control, **kwargs):
+        staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        seal(staged)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / staged.name
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staged, target)
+        for old in sealed_checkpoints(self.directory)[:-KEEP]:
+            shutil.rmtree(old)
+
+
+CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "config.json"
+RESUME_MAY_CHANGE = ("resume", "overwrite", "eval_data", "eval_task")  # the rest must match to resume
+
+
+def work_dir(output: Path) -> Path:
+    """Where a run keeps its config and checkpoints until it finishes: beside --output, never in it."""
+    return output.with_name(f".{output.name}.partial")
+
+
+def resume_point(config: FinetuneConfig, output: Path) -> Path | None:
+    """Check --output against --resume and --overwrite, before any heavy work; returns the
+    checkpoint to continue from, if any."""
+    work = work_dir(output)
+    if not config.resume:
+        if work.is_dir() and not config.overwrite:
+            newest = newest_intact(work / CHECKPOINTS)
+            where = f"newest checkpoint: step {step_of(newest)}" if newest else "no complete checkpoint yet"
+            raise QSVDError(f"--output {output} has an interrupted run ({where}, in {work}); continue it "
+                            f"with --resume, or start over with --overwrite")
+        check_output(output, config.overwrite)
+        return None
+    if not (work / RUN_CONFIG).is_file():
+        finished = " (the run there finished)" if is_run(output) else ""
+        raise QSVDError(f"--resume: there is no interrupted run for --output {output}{finished}")
+    saved, current = json.loads((work / RUN_CONFIG).read_text()), config.resolved()
+    changed = [key for key in current if key not in RESUME_MAY_CHANGE and saved.get(key) != current[key]]
+    if changed:
+        differences = ", ".join(f"{key} {saved.get(key)!r} (now {current[key]!r})" for key in changed)
+        raise QSVDError(f"--resume: the interrupted run used other options: {differences}; resume with "
+                        f"the same options, or start over with --overwrite")
+    check_output(output, config.overwrite or saved["overwrite"])
+    checkpoint = newest_intact(work / CHECKPOINTS)
+    console.print(f"resuming from step {step_of(checkpoint)}" if checkpoint else
+                  "no complete checkpoint yet: training starts from step 0")
+    return checkpoint
+
+
+def start_work_dir(config: FinetuneConfig, output: Path) -> Path:
+    """The run's work dir, with its config recorded; a fresh run first clears an old one."""
+    work = work_dir(output)
+    if not config.resume:
+        shutil.rmtree(work, ignore_errors=True)  # an interrupted run that --overwrite replaces
+    for leftover in ("trainer", "stage"):  # what a killed run was writing
+        shutil.rmtree(work / leftover, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / RUN_CONFIG).write_text(json.dumps(config.resolved(), indent=2) + "\n")
+    return work

@@ -58,9 +58,14 @@ def embedded_gguf() -> Path:
 
 
 def atomic_dir(target: Path, write) -> Path:
-    """Run `write(tmp_dir)`, then rename tmp_dir to `target`: readers never see half a directory."""
+    """Run `write(tmp_dir)`, then rename tmp_dir to `target`: readers never see half a directory.
+
+    The temp dir's name carries the writer's pid, so that one left by a killed writer is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        if not pid_alive(int(stale.name.split(".")[-2])):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=f".{os.getpid()}.tmp", dir=target.parent))
     try:
         write(tmp)
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from other users
@@ -70,6 +75,16 @@ def atomic_dir(target: Path, write) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(frozen=True)

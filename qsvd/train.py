@@ -13,7 +13,8 @@ from pathlib import Path
 import datasets
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers import (PreTrainedModel, PreTrainedTokenizerBase, ProgressCallback, Trainer, TrainerCallback,
+                          TrainingArguments)
 
 from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
@@ -155,7 +156,13 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     return_freed_memory(collect=True)  # what setup left behind, so the training peak is training's own
     reset_peak_memory(model.device)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except BaseException:
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+                callback.training_bar.close()  # so that the error is told on a line of its own
+        raise
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]

@@ -8,6 +8,7 @@ Every row becomes a (prompt, completion) pair; only the completion's tokens carr
 
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
@@ -94,20 +95,37 @@ def tokenize(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> dict[s
             "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids}
 
 
-def build_dataset(data: str | None, tokenizer: PreTrainedTokenizerBase, seq_len: int,
-                  seed: int = 0) -> datasets.Dataset:
-    """Tokenized training rows of at most `seq_len` tokens, from `data` or the built-in set."""
+class TrainingRows(NamedTuple):
+    rows: datasets.Dataset
+    fmt: str  # a key of FORMATS
+    source: str  # for messages: "--data FILE" or "the built-in dataset"
+
+
+def training_rows(data: str | None, seed: int = 0) -> TrainingRows:
+    """The rows of `data` or the built-in set, and their format: a bad file fails here, before
+    any model is loaded."""
     rows = read_rows(data) if data else synthetic_arithmetic(seed=seed)
     source = f"--data {data}" if data else "the built-in dataset"
-    fmt = detect_format(rows.column_names, source)
-    tokenized = rows.map(lambda row: tokenize(to_chat(row, fmt), tokenizer),
+    return TrainingRows(rows, detect_format(rows.column_names, source), source)
+
+
+def tokenize_rows(training: TrainingRows, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> datasets.Dataset:
+    """Tokenized training rows of at most `seq_len` tokens."""
+    rows = training.rows
+    tokenized = rows.map(lambda row: tokenize(to_chat(row, training.fmt), tokenizer),
                          remove_columns=rows.column_names, desc="tokenize")
     kept = tokenized.filter(lambda row: len(row["input_ids"]) <= seq_len, desc="filter by --seq-len")
     if len(kept) == 0:
         shortest = min((len(ids) for ids in tokenized["input_ids"]), default=0)
-        raise QSVDError(f"no row of {source} fits in --seq-len {seq_len} (the shortest has "
+        raise QSVDError(f"no row of {training.source} fits in --seq-len {seq_len} (the shortest has "
                         f"{shortest} tokens); raise --seq-len")
     return kept
+
+
+def build_dataset(data: str | None, tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                  seed: int = 0) -> datasets.Dataset:
+    """Tokenized training rows of at most `seq_len` tokens, from `data` or the built-in set."""
+    return tokenize_rows(training_rows(data, seed), tokenizer, seq_len)
 
 
 def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:

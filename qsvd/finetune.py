@@ -12,7 +12,7 @@ from transformers import set_seed
 from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_dir, step_of
 from .config import FinetuneConfig
 from .console import console
-from .data import build_dataset, first_batches
+from .data import first_batches, tokenize_rows, training_rows
 from .errors import QSVDError, out_of_memory_advice
 from .evaluate import eval_sets, evaluate_model
 from .load import load_tokenizer, resolve_model
@@ -62,11 +62,13 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     resume_from = resume_point(config, output)
     set_seed(config.seed)
 
-    # 1. load: the model's files and tokenizer, and the data (the weights are read in step 2)
+    # 1. load: the data (checked first: a bad file costs seconds), the model's files and tokenizer
+    #    (the weights are read in step 2), then the tokenized rows
+    rows = training_rows(config.data, config.seed)
+    evaluations = eval_sets(config.eval_data or [], config.eval_task)
     files = resolve_model(config.model)
     tokenizer = load_tokenizer(files, config.trust_remote_code)
-    dataset = build_dataset(config.data, tokenizer, config.seq_len, config.seed)
-    evaluations = eval_sets(config.eval_data or [], config.eval_task)
+    dataset = tokenize_rows(rows, tokenizer, config.seq_len)
     console.print(f"{len(dataset)} training rows; method {config.method}, {config.bits}-bit frozen base, "
                   f"rank {config.rank}, lr {config.learning_rate:g}")
 

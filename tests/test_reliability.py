@@ -181,6 +181,12 @@ def test_resume_checks_what_it_continues(tiny_model_dir, tmp_path, monkeypatch):
     assert finetune(*args, "--overwrite").exit_code == 0
 
 
+def test_data_is_checked_before_the_model_is_fetched(tmp_path):
+    """llama-7b would be downloaded (and fail here, offline): a bad --data is told first."""
+    message = error_line(finetune("--model", "llama-7b", "--data", tmp_path / "typo.json", "--output", tmp_path / "o"))
+    assert message == f"error: --data {tmp_path / 'typo.json'}: no such file"
+
+
 def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(cli, ["--debug", "finetune", *map(str, tiny_run_args(tiny_model_dir, tmp_path / "r")),
                                       "--rank", "0"])
@@ -224,7 +230,8 @@ def test_remote_code_runs_only_when_asked(tiny_model_dir, tmp_path, monkeypatch)
 def test_paths_from_configs_are_never_executed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "run.yaml"
-    config.write_text("data: $(touch pwned)\nmodel: \"`touch pwned2`\"\n")
-    result = finetune("--config", config, "--output", tmp_path / "out")
-    assert result.exit_code == 2 and "no such file or directory" in result.output
+    config.write_text("data: $(touch pwned)\n")
+    assert error_line(finetune("--config", config, "--output", tmp_path / "out")) == "error: --data $(touch pwned): no such file"
+    config.write_text("model: \"`touch pwned2`\"\n")
+    assert "no such file or directory, and not an alias" in error_line(finetune("--config", config))
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "pwned2").exists()

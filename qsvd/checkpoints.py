@@ -101,9 +101,12 @@ def resume_point(config: FinetuneConfig, output: Path) -> Path | None:
         check_output(output, config.overwrite)
         return None
     if not (work / RUN_CONFIG).is_file():
-        finished = " (the run there finished)" if is_run(output) else ""
+        finished = " (the run there finished; --overwrite trains it again)" if is_run(output) else ""
         raise QSVDError(f"--resume: there is no interrupted run for --output {output}{finished}")
-    saved, current = json.loads((work / RUN_CONFIG).read_text()), config.resolved()
+    try:
+        saved, current = json.loads((work / RUN_CONFIG).read_text()), config.resolved()
+    except ValueError:
+        raise QSVDError(f"--resume: {work / RUN_CONFIG} is corrupt; start over with --overwrite") from None
     changed = [key for key in current if key not in RESUME_MAY_CHANGE and saved.get(key) != current[key]]
     if changed:
         differences = ", ".join(f"{key} {saved.get(key)!r} (now {current[key]!r})" for key in changed)

@@ -176,6 +176,7 @@ def test_resume_checks_what_it_continues(tiny_model_dir, tmp_path, monkeypatch):
     resumed = finetune(*args, "--resume")
     assert resumed.exit_code == 0 and "resuming from step 4" in resumed.output, resumed.output
 
+    assert "(the run there finished; --overwrite trains it again)" in error_line(finetune(*args, "--resume"))
     again = finetune(*args)
     assert again.exit_code == 2 and "--overwrite" in again.output  # a finished run is kept too
     assert finetune(*args, "--overwrite").exit_code == 0

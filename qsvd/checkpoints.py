@@ -23,6 +23,9 @@ from .run import check_output, is_run, sha256
 
 MANIFEST = "manifest.json"
 KEEP = 2  # sealed checkpoints kept: the newest and the one before it
+CHECKPOINTS = "checkpoints"  # in the work dir
+RUN_CONFIG = "config.json"  # in the work dir: the resolved config, which a resume must match
+RESUME_MAY_CHANGE = ("resume", "overwrite", "eval_data", "eval_task")
 
 
 def seal(checkpoint: Path) -> None:
@@ -76,11 +79,6 @@ class SealCheckpoints(TrainerCallback):
         os.replace(staged, target)
         for old in sealed_checkpoints(self.directory)[:-KEEP]:
             shutil.rmtree(old)
-
-
-CHECKPOINTS = "checkpoints"
-RUN_CONFIG = "config.json"
-RESUME_MAY_CHANGE = ("resume", "overwrite", "eval_data", "eval_task")  # the rest must match to resume
 
 
 def work_dir(output: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The one exception type a user sees as a one-line message instead of a traceback."""
+"""The one exception type a user sees as a one-line message instead of a traceback, and the
+turning of running out of memory into one."""
 
 from contextlib import contextmanager
 

@@ -64,11 +64,11 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
 
     # 1. load: the data (checked first: a bad file costs seconds), the model's files and tokenizer
     #    (the weights are read in step 2), then the tokenized rows
-    rows = training_rows(config.data, config.seed)
+    training = training_rows(config.data, config.seed)
     evaluations = eval_sets(config.eval_data or [], config.eval_task)
     files = resolve_model(config.model)
     tokenizer = load_tokenizer(files, config.trust_remote_code)
-    dataset = tokenize_rows(rows, tokenizer, config.seq_len)
+    dataset = tokenize_rows(training, tokenizer, config.seq_len)
     console.print(f"{len(dataset)} training rows; method {config.method}, {config.bits}-bit frozen base, "
                   f"rank {config.rank}, lr {config.learning_rate:g}")
 

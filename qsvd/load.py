@@ -10,6 +10,7 @@ import hashlib
 import importlib.metadata
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Container
 from dataclasses import dataclass
@@ -60,12 +61,14 @@ def embedded_gguf() -> Path:
 def atomic_dir(target: Path, write) -> Path:
     """Run `write(tmp_dir)`, then rename tmp_dir to `target`: readers never see half a directory.
 
-    The temp dir's name carries the writer's pid, so that one left by a killed writer is removed."""
+    The temp dir's name carries the writer's host and pid, so that one left by a killed writer on
+    this host is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        if not pid_alive(int(stale.name.split(".")[-2])):
+    host = socket.gethostname().replace(".", "_")
+    for stale in target.parent.glob(f".{target.name}.*.{host}-*.tmp"):
+        if not pid_alive(int(stale.name.rsplit("-", 1)[-1].removesuffix(".tmp"))):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=f".{os.getpid()}.tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=f".{host}-{os.getpid()}.tmp", dir=target.parent))
     try:
         write(tmp)
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from other users

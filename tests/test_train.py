@@ -50,3 +50,19 @@ def test_supervised_tokens_trainer_trains_as_trainer_does(grad_accum, tmp_path):
     assert [e["step_seconds"] for e in ours_outcome.log_history if "loss" in e] == \
         [round(s, 4) for s in ours_outcome.step_seconds]
     assert ours_outcome.train_peak_memory_mb > 0 and ours_outcome.setup_peak_memory_mb > 0
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                               ((9, 0), torch.bfloat16)])
+def test_bf16_only_where_the_gpu_has_it_natively(capability, dtype, monkeypatch, tmp_path):
+    """A T4 (compute capability 7.5) reports bf16 as supported through emulation: qsvd uses fp16
+    with Trainer's loss scaler there, bf16 from capability 8.0 on."""
+    from qsvd.split import compute_dtype
+    from qsvd.train import training_arguments
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert compute_dtype(torch.device("cuda")) == dtype
+    args = training_arguments(FinetuneConfig(), tmp_path, dtype)
+    assert (args.fp16, args.bf16) == (dtype == torch.float16, dtype == torch.bfloat16)
+    assert compute_dtype(torch.device("cpu")) == torch.float32

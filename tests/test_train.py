@@ -62,6 +62,7 @@ def test_bf16_only_where_the_gpu_has_it_natively(capability, dtype, monkeypatch,
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)  # no GPU here
     assert compute_dtype(torch.device("cuda")) == dtype
     args = training_arguments(FinetuneConfig(), tmp_path, dtype)
     assert (args.fp16, args.bf16) == (dtype == torch.float16, dtype == torch.bfloat16)

@@ -14,6 +14,8 @@ from .export import export as run_export
 from .finetune import finetune as run_finetune
 from .finetune import init as run_init
 from .methods import METHODS
+from .plan import GPUS_MIB
+from .plan import plan as run_plan
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -117,6 +119,24 @@ def export(ctx: click.Context, run_dir, format_, **options) -> None:
     """Export a run as a PEFT adapter or a merged checkpoint that any HF stack loads."""
     with user_errors(ctx):
         run_export(run_dir, format=format_, **options)
+
+
+@cli.command()
+@click.option("--model", default="smollm2-135m", show_default=True, help="An alias, an HF directory (config.json is enough) or a .gguf file.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="edora", show_default=True)
+@click.option("--bits", type=int, default=4, show_default=True)
+@click.option("--rank", type=int, default=16, show_default=True)
+@click.option("--seq-len", type=int, default=256, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--targets", help="Comma-separated layer names (default: every linear layer of the decoder blocks).")
+@click.option("--no-gradient-checkpointing", "gradient_checkpointing", flag_value=False, default=True,
+              help="Plan without gradient checkpointing.")
+@click.option("--gpu", type=click.Choice(list(GPUS_MIB)), help="Plan for this GPU (default: this machine's CPU and RAM).")
+@click.pass_context
+def plan(ctx: click.Context, targets, **options) -> None:
+    """Will a run fit? Its memory, part by part, from the model's config alone."""
+    with user_errors(ctx):
+        run_plan(targets=tuple(targets.split(",")) if targets else None, **options)
 
 
 @contextmanager

@@ -29,6 +29,12 @@ def return_freed_memory(collect: bool = False) -> None:
         LIBC.malloc_trim(0)
 
 
+def status_mb(field: str, path: str = "/proc/self/status") -> float:
+    """A kB field of /proc/self/status (VmRSS, VmHWM) or /proc/meminfo (MemTotal), in MiB."""
+    with open(path) as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak allocated GPU memory on CUDA; the process's peak RSS on CPU.
 
@@ -38,8 +44,7 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+        return status_mb("VmHWM")
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 

@@ -1,0 +1,203 @@
+"""`qsvd plan`: what a run will need, part by part, from the model's config alone (no weights).
+
+Built on the meta device from config.json (or, for the hub aliases, a config qsvd knows), so the
+target layers' shapes are exact for any architecture. The parts, in bytes:
+- frozen targets: NF4 with double quantization 0.5 + 1/64 + 4/(64·256) a weight, int8 1 (+ a
+  4-byte scale a row), 16-bit the compute dtype; the other weights in the compute dtype;
+- adapter: every adapter tensor in fp32, trainable or not (factors, cores, magnitudes, statistics);
+- gradients: 4 a trainable weight; optimizer: paged 8-bit AdamW keeps 2 bytes a weight for
+  tensors of 4096 elements or more, 8 below (bitsandbytes' min_8bit_size), AdamW 8;
+- activations: each decoder block's input kept for the backward pass, plus one block's working
+  set (recomputed under gradient checkpointing, else kept for every block), plus the logits of
+  the supervised tokens in fp32 with their gradient;
+- the split's workspace while the model is prepared: a few fp32 copies of the largest layer;
+- on a CPU, the process's libraries (this process's own resident memory after its imports);
+  on a GPU, its CUDA context.
+"""
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from accelerate import init_empty_weights
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .console import console
+from .errors import QSVDError
+from .load import EMBEDDED_ALIAS, HUB_ALIASES, resolve_model
+from .memory import status_mb
+from .methods import METHODS
+from .split import check_bits, find_targets, make_spec
+
+GPUS_MIB = {"t4": 15_360, "a10": 23_028, "4090": 24_564, "a100-40": 40_960, "h100": 81_559}  # nvidia-smi totals
+BF16_GPUS = {"a10", "4090", "a100-40", "h100"}  # compute capability ≥ 8.0; a T4 (7.5) trains in fp16
+CUDA_CONTEXT_MIB = 500
+SPLIT_COPIES = 4  # fp32 copies of the largest target while it is split (W, its factors, the residual, Q's input)
+LLAMA_SHAPES = {  # the hub aliases' configs, so that a plan needs no download
+    "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+assert LLAMA_SHAPES.keys() == HUB_ALIASES.keys()
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: str
+    method: str = "edora"
+    bits: int = 4
+    rank: int = 16
+    seq_len: int = 256
+    batch_size: int = 4
+    gpu: str | None = None  # None: this machine's CPU
+    targets: tuple[str, ...] | None = None
+    gradient_checkpointing: bool = True
+    optim: str = "paged_adamw_8bit"
+
+
+def model_config(model: str):
+    """The model's config: known for the hub aliases, else read from its (local) files."""
+    if model in LLAMA_SHAPES:
+        shape = dict(LLAMA_SHAPES[model])
+        return AutoConfig.for_model(shape.pop("model_type"), **shape)
+    if (Path(model) / "config.json").is_file():  # a directory with no weights yet will do
+        return AutoConfig.from_pretrained(model)
+    return AutoConfig.from_pretrained(resolve_model(model).config_dir)
+
+
+def frozen_bytes(out_features: int, in_features: int, bits: int, dtype_bytes: int) -> float:
+    weights = out_features * in_features
+    if bits == 4:
+        return weights * (0.5 + 1 / 64 + 4 / (64 * 256))
+    if bits == 8:
+        return weights + 4 * out_features
+    return weights * dtype_bytes
+
+
+def adapter_tensors(method: str, out_features: int, in_features: int, rank: int) -> dict[str, int]:
+    """Element counts of one layer's adapter tensors (fp32), by name."""
+    r, o, i = rank, out_features, in_features
+    if method in ("lora", "dora", "pissa", "milora"):
+        tensors = {"lora_A": r * i, "lora_B": o * r}
+        if method in ("pissa", "milora"):
+            tensors |= {"lora_A_init": r * i, "lora_B_init": o * r}
+        if method == "dora":
+            tensors |= {"magnitude": o, "weight_sq_norm": o}
+        return tensors
+    tensors = {"lora_A": r * i, "lora_B": o * r, "core": r * r}  # loraxs, edora, lorasb
+    if method == "edora":
+        tensors |= {"magnitude": o, "weight_sq_norm": o, "weight_A": o * r, "gram_A": r * r}
+    return tensors
+
+
+def optimizer_bytes(numel: int, optim: str) -> float:
+    if "8bit" in optim and numel >= 4096:
+        return 2 * numel * (1 + 4 / 256)  # two uint8 states with a float32 scale per 256-block
+    return 8 * numel
+
+
+def budget(setup: Setup) -> dict[str, float]:
+    """Bytes by part, and the training and preparation totals."""
+    config = model_config(setup.model)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()
+    spec = make_spec(setup.method, setup.rank, bits=setup.bits)
+    linears = find_targets(model, setup.targets)
+    on_gpu = setup.gpu is not None
+    dtype_bytes = 2 if on_gpu else 4
+    layer_cls = METHODS[setup.method]
+    target_weights = {id(linear.weight) for linear in linears.values()}
+    parts = {"frozen targets": 0.0, "other weights": 0.0, "adapter": 0.0, "gradients": 0.0, "optimizer": 0.0}
+    for param in model.parameters():  # tied weights once
+        if id(param) not in target_weights:
+            parts["other weights"] += param.numel() * dtype_bytes
+    for linear in linears.values():
+        out_features, in_features = linear.weight.shape
+        parts["frozen targets"] += frozen_bytes(out_features, in_features, spec.bits, dtype_bytes)
+        tensors = adapter_tensors(spec.method, out_features, in_features, spec.rank)
+        parts["adapter"] += 4 * sum(tensors.values())
+        for name in layer_cls.trainable:
+            parts["gradients"] += 4 * tensors[name]
+            parts["optimizer"] += optimizer_bytes(tensors[name], setup.optim)
+    hidden, blocks = config.hidden_size, config.num_hidden_layers
+    tokens = setup.batch_size * setup.seq_len
+    block_working_set = tokens * (10 * hidden + 4 * config.intermediate_size) * dtype_bytes
+    kept_inputs = blocks * tokens * hidden * dtype_bytes
+    parts["activations"] = kept_inputs + block_working_set * (1 if setup.gradient_checkpointing else blocks)
+    parts["logits"] = 2 * tokens * config.vocab_size * 4
+    largest = max(linear.weight.numel() for linear in linears.values())
+    parts["split workspace"] = SPLIT_COPIES * 4 * largest
+    parts["runtime"] = (CUDA_CONTEXT_MIB if on_gpu else status_mb("VmRSS")) * 2**20
+    weights = parts["frozen targets"] + parts["other weights"] + parts["adapter"]
+    parts["training total"] = weights + parts["gradients"] + parts["optimizer"] + parts["activations"] + \
+        parts["logits"] + parts["runtime"]
+    parts["preparation total"] = weights + parts["split workspace"] + parts["runtime"]
+    parts["peak"] = max(parts["training total"], parts["preparation total"])
+    return parts
+
+
+def capacity_mib(setup: Setup) -> float:
+    if setup.gpu is None:
+        return status_mb("MemTotal", "/proc/meminfo")
+    return GPUS_MIB[setup.gpu]
+
+
+def suggestions(setup: Setup) -> list[tuple[str, Setup]]:
+    """Changes that need less memory, each on top of the ones before it."""
+    steps, current = [], setup
+    if not current.gradient_checkpointing:
+        current = replace(current, gradient_checkpointing=True)
+        steps.append(("gradient_checkpointing: true", current))
+    if current.bits != 4:
+        current = replace(current, bits=4)
+        steps.append(("--bits 4", current))
+    while current.batch_size > 1:
+        current = replace(current, batch_size=current.batch_size // 2)
+        steps.append((f"--batch-size {current.batch_size} (raise --grad-accum to keep the effective batch)", current))
+    while current.seq_len > 256:
+        current = replace(current, seq_len=current.seq_len // 2)
+        steps.append((f"--seq-len {current.seq_len}", current))
+    while current.rank > 8:
+        current = replace(current, rank=current.rank // 2)
+        steps.append((f"--rank {current.rank}", current))
+    return steps
+
+
+def plan(model: str = EMBEDDED_ALIAS, gpu: str | None = None, **options) -> dict[str, float]:
+    """Print the budget of `qsvd plan` and whether it fits; returns the budget in bytes."""
+    if gpu is not None and gpu not in GPUS_MIB:
+        raise QSVDError(f"--gpu {gpu!r} is not one of: {', '.join(GPUS_MIB)}")
+    setup = Setup(model=model, gpu=gpu, **{k: v for k, v in options.items() if v is not None})
+    check_bits(setup.bits)
+    for flag, value in (("rank", setup.rank), ("seq-len", setup.seq_len), ("batch-size", setup.batch_size)):
+        if value <= 0:
+            raise QSVDError(f"--{flag} must be positive, got {value}")
+    parts = budget(setup)
+    capacity = capacity_mib(setup)
+    where = f"{setup.gpu} ({capacity:,.0f} MiB)" if setup.gpu else f"this machine's RAM ({capacity:,.0f} MiB)"
+    dtype = "fp32" if setup.gpu is None else ("bf16" if setup.gpu in BF16_GPUS else "fp16")
+    console.print(f"{setup.model}: {setup.method}, {setup.bits}-bit, rank {setup.rank}, batch {setup.batch_size} × "
+                  f"seq {setup.seq_len}, compute {dtype}, gradient checkpointing "
+                  f"{'on' if setup.gradient_checkpointing else 'off'}, on {where}")
+    for name, value in parts.items():
+        if name == "training total":
+            console.print("  " + "-" * 38)
+        console.print(f"  {name:<22}{value / 2**20:>12,.0f} MiB")
+    fits = parts["peak"] / 2**20 <= capacity
+    console.print(f"fits: {'yes' if fits else 'no'} ({parts['peak'] / 2**20:,.0f} of {capacity:,.0f} MiB)")
+    if not fits:
+        for change, smaller in suggestions(setup):
+            peak = budget(smaller)["peak"] / 2**20
+            console.print(f"  with {change}: {peak:,.0f} MiB{' - fits' if peak <= capacity else ''}")
+            if peak <= capacity:
+                break
+        else:
+            console.print("  no single-GPU setup here fits: use a larger GPU, or several with FSDP")
+    return parts

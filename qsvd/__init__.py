@@ -8,7 +8,8 @@ from .evaluate import evaluate  # noqa: E402
 from .export import export  # noqa: E402
 from .finetune import finetune, init  # noqa: E402
 from .methods import METHODS  # noqa: E402
+from .plan import plan  # noqa: E402
 from .run import load_run  # noqa: E402
 from .split import prepare  # noqa: E402
 
-__all__ = ["FinetuneConfig", "METHODS", "QSVDError", "evaluate", "export", "finetune", "init", "load_run", "prepare", "__version__"]
+__all__ = ["FinetuneConfig", "METHODS", "QSVDError", "evaluate", "export", "finetune", "init", "load_run", "plan", "prepare", "__version__"]

@@ -32,7 +32,7 @@ GPUS_MIB = {"t4": 15_360, "a10": 23_028, "4090": 24_564, "a100-40": 40_960, "h10
 BF16_GPUS = {"a10", "4090", "a100-40", "h100"}  # compute capability ≥ 8.0; a T4 (7.5) trains in fp16
 CUDA_CONTEXT_MIB = 500
 SPLIT_COPIES = 4  # fp32 copies of the largest target while it is split (W, its factors, the residual, Q's input)
-LLAMA_SHAPES = {  # the hub aliases' configs, so that a plan needs no download
+ALIAS_CONFIGS = {  # the hub aliases' configs, so that a plan needs no download
     "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
     "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -44,7 +44,7 @@ LLAMA_SHAPES = {  # the hub aliases' configs, so that a plan needs no download
     "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                        num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
 }
-assert LLAMA_SHAPES.keys() == HUB_ALIASES.keys()
+assert ALIAS_CONFIGS.keys() == HUB_ALIASES.keys()
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,8 @@ class Setup:
 
 def model_config(model: str):
     """The model's config: known for the hub aliases, else read from its (local) files."""
-    if model in LLAMA_SHAPES:
-        shape = dict(LLAMA_SHAPES[model])
+    if model in ALIAS_CONFIGS:
+        shape = dict(ALIAS_CONFIGS[model])
         return AutoConfig.for_model(shape.pop("model_type"), **shape)
     if (Path(model) / "config.json").is_file():  # a directory with no weights yet will do
         return AutoConfig.from_pretrained(model)

@@ -9,9 +9,9 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 # Each notebook's first code cell, pointed at the embedded default and made small.
 PARAMETERS = {
     "colab_quickstart": 'MODEL = "smollm2-135m"\nMETHOD = "edora"\nMAX_STEPS = 2\nBATCH_SIZE = 2\nSEQ_LEN = 128\n'
-                        'EVAL_ROWS = 4\nMAX_NEW_TOKENS = 24\nOUTPUT = "runs/quickstart"\nQSVD_SOURCE = "qsvd"',
+                        'EVAL_ROWS = 4\nMAX_NEW_TOKENS = 24\nOUTPUT = "runs/quickstart"\nQSVD_SOURCE = None',
     "compare_methods": 'MODEL = "smollm2-135m"\nMETHODS = ["lora", "edora"]\nMAX_STEPS = 2\nBATCH_SIZE = 2\n'
-                       'SEQ_LEN = 128\nEVAL_ROWS = 4\nMAX_NEW_TOKENS = 24\nQSVD_SOURCE = "qsvd"',
+                       'SEQ_LEN = 128\nEVAL_ROWS = 4\nMAX_NEW_TOKENS = 24\nQSVD_SOURCE = None',
 }
 
 

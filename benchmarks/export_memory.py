@@ -22,8 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from init_memory import SHAPES, status_mb
+from init_memory import SHAPES
 from llama7b_memory import VOCAB, write_random_llama
+
+from qsvd.memory import status_mb
 
 SMALL_SHARDS = "256MB"
 

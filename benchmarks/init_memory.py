@@ -26,17 +26,14 @@ from pathlib import Path
 
 from peers import TARGETS
 
+from qsvd.memory import status_mb
+
 SHAPES = {  # TinyLlama-1.1B, and a small one for --quick
     "full": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000),
     "quick": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=4, vocab_size=32000),
 }
-
-
-def status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
 
 
 def write_model(path: Path, shape: dict) -> int:

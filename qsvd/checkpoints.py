@@ -19,7 +19,8 @@ from transformers import TrainerCallback
 from .config import FinetuneConfig
 from .console import console
 from .errors import QSVDError
-from .run import check_output, is_run, sha256
+from .load import file_sha256
+from .run import check_output, is_run
 
 MANIFEST = "manifest.json"
 KEEP = 2  # sealed checkpoints kept: the newest and the one before it
@@ -31,7 +32,7 @@ RESUME_MAY_CHANGE = ("resume", "overwrite", "eval_data", "eval_task")
 def seal(checkpoint: Path) -> None:
     """Write the manifest of every file in `checkpoint`, to a temp name and then renamed."""
     files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(checkpoint)): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
+    manifest = {str(p.relative_to(checkpoint)): {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files}
     tmp = checkpoint / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, checkpoint / MANIFEST)
@@ -44,7 +45,7 @@ def is_intact(checkpoint: Path) -> bool:
     except (OSError, ValueError):
         return False
     return all((checkpoint / name).is_file() and (checkpoint / name).stat().st_size == entry["bytes"]
-               and sha256(checkpoint / name) == entry["sha256"] for name, entry in manifest.items())
+               and file_sha256(checkpoint / name) == entry["sha256"] for name, entry in manifest.items())
 
 
 def step_of(checkpoint: Path) -> int:

@@ -80,6 +80,15 @@ def atomic_dir(target: Path, write) -> Path:
     return target
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read 16 MiB at a time."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -21,12 +21,13 @@ from pathlib import Path
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from .config import check_positive
 from .console import console
 from .errors import QSVDError
 from .load import EMBEDDED_ALIAS, HUB_ALIASES, resolve_model
 from .memory import status_mb
 from .methods import METHODS
-from .split import check_bits, find_targets, make_spec
+from .split import find_targets, make_spec
 
 GPUS_MIB = {"t4": 15_360, "a10": 23_028, "4090": 24_564, "a100-40": 40_960, "h100": 81_559}  # nvidia-smi totals
 BF16_GPUS = {"a10", "4090", "a100-40", "h100"}  # compute capability ≥ 8.0; a T4 (7.5) trains in fp16
@@ -175,11 +176,8 @@ def plan(model: str = EMBEDDED_ALIAS, gpu: str | None = None, **options) -> dict
     if gpu is not None and gpu not in GPUS_MIB:
         raise QSVDError(f"--gpu {gpu!r} is not one of: {', '.join(GPUS_MIB)}")
     setup = Setup(model=model, gpu=gpu, **{k: v for k, v in options.items() if v is not None})
-    check_bits(setup.bits)
-    for flag, value in (("rank", setup.rank), ("seq-len", setup.seq_len), ("batch-size", setup.batch_size)):
-        if value <= 0:
-            raise QSVDError(f"--{flag} must be positive, got {value}")
-    parts = budget(setup)
+    check_positive({"rank": setup.rank, "seq-len": setup.seq_len, "batch-size": setup.batch_size})
+    parts = budget(setup)  # its make_spec checks the method and bits
     capacity = capacity_mib(setup)
     where = f"{setup.gpu} ({capacity:,.0f} MiB)" if setup.gpu else f"this machine's RAM ({capacity:,.0f} MiB)"
     dtype = "fp32" if setup.gpu is None else ("bf16" if setup.gpu in BF16_GPUS else "fp16")

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import __version__, quantize
 from .console import console
-from .load import ModelFiles, SafetensorsWeights, atomic_dir, cache_dir, empty_model, open_weights
+from .load import ModelFiles, SafetensorsWeights, atomic_dir, cache_dir, empty_model, file_sha256, open_weights
 from .memory import return_freed_memory
 from .methods import METHODS, AdapterLayer, AdapterSpec
 from .split import (QuantizationReport, adapter_layers, check_rank, compute_dtype, default_device, find_targets,
@@ -50,14 +50,6 @@ def prepared_key(files: ModelFiles, spec: AdapterSpec, targets: list[str], devic
 def prepared_dir(key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "prepared" / f"{key['method']}-r{key['rank']}-{key['bits']}bit-{digest}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_prepared(path: Path, key: dict, layers: Iterable[tuple[str, AdapterLayer]],
@@ -83,7 +75,7 @@ def write_prepared(path: Path, key: dict, layers: Iterable[tuple[str, AdapterLay
             flush()
         manifest = {"qsvd_version": __version__, "key": key,
                     "quantization_report": asdict(report) | {"ratio": report.ratio} if report else None,
-                    "sha256": {shard: _sha256(tmp / shard) for shard in shards}}
+                    "sha256": {shard: file_sha256(tmp / shard) for shard in shards}}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
     return atomic_dir(path, write)
@@ -100,7 +92,7 @@ def check_prepared(path: Path, key: dict) -> str | None:
     if not manifest.get("sha256"):
         return "corrupt (its manifest lists no shards)"
     for shard, digest in manifest["sha256"].items():
-        if not (path / shard).is_file() or _sha256(path / shard) != digest:
+        if not (path / shard).is_file() or file_sha256(path / shard) != digest:
             return f"corrupt ({shard} does not match its checksum)"
     return None
 

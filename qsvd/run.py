@@ -8,7 +8,6 @@ A run directory holds
 - train_log.jsonl: Trainer's log, one entry a line.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from torch import nn
 
 from . import __version__
 from .errors import QSVDError
-from .load import ModelFiles, empty_model, load_tokenizer, open_weights, resolve_model
+from .load import ModelFiles, empty_model, file_sha256, load_tokenizer, open_weights, resolve_model
 from .methods import METHODS, AdapterSpec
 from .split import adapter_state, restore
 
@@ -38,20 +37,12 @@ def check_output(output: Path, overwrite: bool) -> None:
         raise QSVDError(f"--output {output} already holds files; choose another --output or pass --overwrite")
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dict]) -> None:
     """Write the run files into the staging directory `stage`."""
     save_file(adapter_state(model), stage / ADAPTER_FILE, metadata={"format": "pt"})
     compute_dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     record = {"qsvd_version": __version__, "spec": asdict(model.qsvd_spec), "targets": model.qsvd_targets,
-              "compute_dtype": compute_dtype, "adapter_sha256": sha256(stage / ADAPTER_FILE), **record}
+              "compute_dtype": compute_dtype, "adapter_sha256": file_sha256(stage / ADAPTER_FILE), **record}
     (stage / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     (stage / LOG_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in log_history))
 
@@ -150,7 +141,7 @@ def read_run(run_dir: str | Path) -> Run:
                         f"directory of a finished `qsvd finetune`")
     record = read_record(config_path)
     expected = record.get("adapter_sha256")
-    if expected is not None and sha256(adapter_path) != expected:
+    if expected is not None and file_sha256(adapter_path) != expected:
         raise QSVDError(f"{adapter_path} does not match the checksum in {CONFIG_FILE}: the file is "
                         f"corrupt or was changed; the run cannot be used, train it again")
     try:

@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+from accelerate import PartialState
 from transformers import TrainerCallback
 
 from .config import FinetuneConfig
@@ -65,12 +66,16 @@ def newest_intact(directory: Path) -> Path | None:
 
 class SealCheckpoints(TrainerCallback):
     """After Trainer saves checkpoint-N into its output dir: seal it, move it into `directory`,
-    and drop all but the newest `KEEP`."""
+    and drop all but the newest `KEEP`; the main process does this once every process has
+    written its part (each writes its own RNG state)."""
 
     def __init__(self, directory: Path):
         self.directory = directory
 
     def on_save(self, args, state, control, **kwargs):
+        PartialState().wait_for_everyone()
+        if not state.is_world_process_zero:
+            return
         staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         seal(staged)
         self.directory.mkdir(parents=True, exist_ok=True)

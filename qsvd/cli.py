@@ -1,5 +1,6 @@
 """The `qsvd` command line. Every user error is one line on stderr and exit code 2."""
 
+import sys
 from contextlib import contextmanager
 
 import click
@@ -11,8 +12,10 @@ from .evaluate import TASKS
 from .evaluate import evaluate as run_evaluate
 from .export import BASES, DTYPES, FORMATS
 from .export import export as run_export
+from .finetune import check_inputs
 from .finetune import finetune as run_finetune
 from .finetune import init as run_init
+from .launch import launched, relaunch, without_option
 from .methods import METHODS
 from .plan import GPUS_MIB
 from .plan import plan as run_plan
@@ -65,9 +68,12 @@ def split_options(command):
 @click.option("--resume", is_flag=True, default=None, help="Continue the interrupted run in --output from its newest complete checkpoint.")
 @click.option("--output", help="Run directory (default runs/<method>).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run (finished or interrupted) in --output.")
+@click.option("--num-processes", type=click.IntRange(min=1), default=1,
+              help="Data-parallel processes, one per GPU (gloo on CPU), started through `accelerate launch`; "
+                   "each takes --batch-size rows per step.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and exit without building anything.")
 @click.pass_context
-def finetune(ctx: click.Context, config_file, dry_run, **flags) -> None:
+def finetune(ctx: click.Context, config_file, dry_run, num_processes, **flags) -> None:
     """Fine-tune a model with one of qsvd's adapter methods."""
     with user_errors(ctx):
         flags["eval_data"] = list(flags["eval_data"]) or None  # click gives () when the flag is absent
@@ -75,6 +81,9 @@ def finetune(ctx: click.Context, config_file, dry_run, **flags) -> None:
         if dry_run:
             click.echo(yaml.safe_dump(config.resolved(), sort_keys=False), nl=False)
             return
+        if num_processes > 1 and not launched():
+            check_inputs(config)  # a bad input is told here, once, not by every process
+            ctx.exit(relaunch(num_processes, without_option(sys.argv[1:], "--num-processes")))
         run_finetune(config)
 
 

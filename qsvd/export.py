@@ -165,7 +165,7 @@ def write_merged(output: Path, run: Run, files: ModelFiles, model: torch.nn.Modu
                   [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     closes_shard = {names[-1]: file_name for file_name, names in zip(file_names, shards)}
     weight_map, total_size, shard = {}, 0, {}
-    for name in track([name for names in shards for name in names], description="merge"):
+    for name in track([name for names in shards for name in names], description="merge", console=console):
         shard[name] = export_tensor(name)
         if name in closes_shard:
             save_file(shard, output / closes_shard[name], metadata={"format": "pt"})

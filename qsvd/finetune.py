@@ -5,17 +5,19 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from torch import nn
 from transformers import set_seed
 
-from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_dir, step_of
+from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_dir, step_of, work_dir
 from .config import FinetuneConfig
 from .console import console
-from .data import first_batches, tokenize_rows, training_rows
+from .data import TrainingRows, first_batches, tokenize_rows, training_rows
 from .errors import QSVDError, out_of_memory_advice
 from .evaluate import eval_sets, evaluate_model
-from .load import load_tokenizer, resolve_model
+from .launch import processes
+from .load import ModelFiles, load_tokenizer, resolve_model
 from .methods import METHODS
 from .methods.lorasb import init_from_gradients
 from .prepared import build_to_disk, lookup, obtain
@@ -55,25 +57,29 @@ def init(config: FinetuneConfig | None = None, **options) -> Path:
 
 
 def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
-    """Fine-tune as `qsvd finetune` does; `options` are the CLI's, by their Python names."""
+    """Fine-tune as `qsvd finetune` does; `options` are the CLI's, by their Python names.
+
+    Under `accelerate launch` every process runs this; see `launch` for who does what.
+    """
     start = time.perf_counter()
     config = config or FinetuneConfig.resolve(**options)
+    state = processes()
     output = config.output_dir
-    resume_from = resume_point(config, output)
     set_seed(config.seed)
 
-    # 1. load: the data (checked first: a bad file costs seconds), the model's files and tokenizer
-    #    (the weights are read in step 2), then the tokenized rows
-    training = training_rows(config.data, config.seed)
-    evaluations = eval_sets(config.eval_data or [], config.eval_task)
-    files = resolve_model(config.model)
+    # 1. load: check the inputs (the main process first: it may fetch or convert the model), the
+    #    tokenizer (the weights are read in step 2), then the tokenized rows
+    with state.main_process_first():
+        resume_from, training, evaluations, files = check_inputs(config)
     tokenizer = load_tokenizer(files, config.trust_remote_code)
     dataset = tokenize_rows(training, tokenizer, config.seq_len)
     console.print(f"{len(dataset)} training rows; method {config.method}, {config.bits}-bit frozen base, "
                   f"rank {config.rank}, lr {config.learning_rate:g}")
 
     # 2-3. split each target layer as it is read and quantize its frozen part, or reuse that work
-    with out_of_memory_advice("splitting and quantizing the model", "a smaller --rank, --svd-niter 2, or fewer --targets"):
+    #    (by the main process; the others wait, then load what it prepared)
+    with (out_of_memory_advice("splitting and quantizing the model", "a smaller --rank, --svd-niter 2, or fewer --targets"),
+          state.main_process_first()):
         model, prepared = obtain(files, config.spec(), config.targets, config.seed,
                                  trust_remote_code=config.trust_remote_code)
     if METHODS[config.method].needs_gradient_init and resume_from is None:  # a checkpoint holds the init
@@ -82,17 +88,21 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
         batches = first_batches(dataset, tokenizer, config.gradient_samples, config.batch_size, config.seed)
         with out_of_memory_advice("estimating lorasb's gradients", "--grad-mem-budget 1GB, --grad-sketch, "
                                   "or fewer --grad-samples"):
-            init_from_gradients(model, adapter_layers(model), batches, first_step_lr(config, len(dataset)),
+            init_from_gradients(model, adapter_layers(model), batches, first_step_lr(config, len(dataset), state.num_processes),
                                 config.grad_budget_bytes, config.grad_sketch)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # 4. train, checkpointing into the work dir beside --output; 5. publish the run in one rename
-    work = start_work_dir(config, output)
+    work = start_work_dir(config, output) if state.is_main_process else work_dir(output)
     stage = work / "stage"  # the run's files, renamed to --output when complete
-    stage.mkdir()
     try:
         outcome = train_with_advice(model, tokenizer, dataset, config, work, resume_from)
-        record = {"config": config.resolved(), "model_path": str(files.config_dir),
+        if not state.is_main_process:
+            state.wait_for_everyone()  # until the main process has published the run
+            return RunSummary(model, output, trainable, outcome.final_loss, time.perf_counter() - start,
+                              outcome.peak_memory_mb)
+        stage.mkdir()
+        record = {"config": config.resolved(), "processes": state.num_processes, "model_path": str(files.config_dir),
                   "model_fingerprint": files.fingerprint, "prepared_model": str(prepared),
                   "trainable_params": trainable,
                   "final_loss": outcome.final_loss, "train_seconds": outcome.seconds,
@@ -110,14 +120,30 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
         write_run(stage, model, record, outcome.log_history)
         publish(stage, output)
         shutil.rmtree(work)
+        state.wait_for_everyone()
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
-        if work.is_dir() and newest_intact(work / CHECKPOINTS) is None:
-            shutil.rmtree(work)  # nothing to resume from
+        if state.is_main_process:
+            shutil.rmtree(stage, ignore_errors=True)
+            if work.is_dir() and newest_intact(work / CHECKPOINTS) is None:
+                shutil.rmtree(work)  # nothing to resume from
     summary = RunSummary(model, output, trainable, outcome.final_loss, time.perf_counter() - start,
                          outcome.peak_memory_mb)
     console.print(summary.line())
     return summary
+
+
+class Inputs(NamedTuple):
+    resume_from: Path | None  # the checkpoint to continue from
+    training: TrainingRows
+    evaluations: list  # (path, rows, task) of each --eval-data file
+    files: ModelFiles
+
+
+def check_inputs(config: FinetuneConfig) -> Inputs:
+    """What a run checks before any heavy work, cheapest first: --output against --resume and
+    --overwrite, the data, the eval files, then the model's files (fetched or converted once)."""
+    return Inputs(resume_point(config, config.output_dir), training_rows(config.data, config.seed),
+                  eval_sets(config.eval_data or [], config.eval_task), resolve_model(config.model))
 
 
 def train_with_advice(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, work: Path,

@@ -157,7 +157,7 @@ def build_to_disk(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: t
     split_layer, report = layer_splitter(spec, device)
 
     def layers() -> Iterator[tuple[str, AdapterLayer]]:
-        for name in track(list(linears), description="split + quantize", disable=not progress):
+        for name in track(list(linears), description="split + quantize", disable=not progress, console=console):
             yield name, split_layer(*target_tensors(name, linears.pop(name), weights))
             return_freed_memory()
 

@@ -69,7 +69,7 @@ def replace_layers(model: nn.Module, spec: AdapterSpec | None, linears: dict[str
     """Swap each linear for `make_layer(name, linear)`, freeing the original as we go; then freeze
     everything but the adapters' trainable tensors and cast the rest to the compute dtype."""
     layers = {}
-    for name in track(list(linears), description=description, disable=not progress):
+    for name in track(list(linears), description=description, disable=not progress, console=console):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         layers[name] = make_layer(name, linears.pop(name))

@@ -46,6 +46,7 @@ CHECKPOINTING = {"use_reentrant": False}
 def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtype) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(work_dir),
+        use_cpu=not torch.cuda.is_available(),  # and so gloo between processes that `accelerate launch` started
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
@@ -70,10 +71,10 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
     )
 
 
-def first_step_lr(config: FinetuneConfig, rows: int) -> float:
+def first_step_lr(config: FinetuneConfig, rows: int, processes: int = 1) -> float:
     """η of the first optimizer step that moves the weights under the linear warmup schedule."""
     args = training_arguments(config, Path("unused"), torch.float32)
-    steps_per_epoch = math.ceil(rows / (config.batch_size * config.grad_accum))
+    steps_per_epoch = math.ceil(rows / (config.batch_size * config.grad_accum * processes))
     total = config.max_steps or math.ceil(steps_per_epoch * (config.epochs or 1.0))
     warmup = args.get_warmup_steps(total)
     return config.learning_rate / warmup if warmup else config.learning_rate
@@ -119,6 +120,8 @@ class SupervisedTokensTrainer(Trainer):
         return loss
 
     def _save(self, output_dir=None, state_dict=None):
+        if not self.args.should_save:  # the main process writes the adapter; the others hold the same
+            return
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         save_file(adapter_state(self.model), Path(output_dir) / CHECKPOINT_ADAPTER, metadata={"format": "pt"})
 

@@ -55,7 +55,9 @@ class AdapterLayer(nn.Module):
         self.scale = spec.scale
         self.dropout = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         device = base.weight.device
-        for key, tensor in tensors.items():
+        # in one order whatever the source (a split or a prepared model's files): DDP matches
+        # parameters and buffers across processes by their position
+        for key, tensor in sorted(tensors.items()):
             tensor = tensor.detach().to(device, torch.float32, copy=True)  # never a view of a file
             if key in self.trainable:
                 self.register_parameter(key, nn.Parameter(tensor))

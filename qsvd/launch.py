@@ -1,0 +1,59 @@
+"""Data-parallel runs through accelerate: one process per GPU, or N gloo processes on CPU.
+
+`accelerate launch -m qsvd finetune …` starts the processes, and `qsvd finetune --num-processes N`
+starts them the same way. Each process trains on its share of every global batch
+(N × --batch-size × --grad-accum rows) and DDP averages the gradients. The one-off work is the
+main process's: it builds the prepared model while the others wait and then load it, and it
+alone writes checkpoints, evaluates and publishes the run.
+"""
+
+import os
+import subprocess
+import sys
+
+import datasets
+import torch
+from accelerate import PartialState
+
+from .console import console
+from .errors import QSVDError
+
+
+def processes() -> PartialState:
+    """This process's place among the launched ones (a single process when none were launched).
+
+    Without a GPU the processes run on CPU and talk over gloo. Non-main processes print nothing.
+    """
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if not state.is_main_process:
+        console.quiet = True
+        datasets.disable_progress_bars()
+    return state
+
+
+def launched() -> bool:
+    """Whether a launcher (accelerate launch, torchrun) started this process."""
+    return "LOCAL_RANK" in os.environ
+
+
+def relaunch(num_processes: int, argv: list[str]) -> int:
+    """Run `qsvd *argv` in `num_processes` processes through `accelerate launch`; its exit code."""
+    if torch.cuda.is_available() and num_processes > torch.cuda.device_count():
+        raise QSVDError(f"--num-processes {num_processes}: this machine has {torch.cuda.device_count()} GPU(s)")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+               "--num_processes", str(num_processes), "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "qsvd", *argv]
+    return subprocess.run(command).returncode
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` without `name VALUE` or `name=VALUE`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept

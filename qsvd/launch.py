@@ -23,7 +23,12 @@ def processes() -> PartialState:
     """This process's place among the launched ones (a single process when none were launched).
 
     Without a GPU the processes run on CPU and talk over gloo. Non-main processes print nothing.
+    FSDP is refused: see the README.
     """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise QSVDError("FSDP is not supported yet: qsvd's NF4 layers keep their packed weights as uint8 and "
+                        "the adapters in fp32, which FSDP cannot flatten together; use data parallel "
+                        "(--num-processes N, or an accelerate config with distributed_type: MULTI_GPU)")
     state = PartialState(cpu=not torch.cuda.is_available())
     if not state.is_main_process:
         console.quiet = True

@@ -94,3 +94,10 @@ def test_more_processes_than_gpus_is_refused(monkeypatch, tmp_path, tiny_model_d
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     result = CliRunner().invoke(cli, run_args(tiny_model_dir, tmp_path / "run", 2, "edora") + ["--num-processes", "2"])
     assert result.exit_code == 2 and "--num-processes 2: this machine has 1 GPU(s)" in result.output
+
+
+def test_fsdp_is_refused_with_the_reason(monkeypatch, tmp_path, tiny_model_dir):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    result = CliRunner().invoke(cli, run_args(tiny_model_dir, tmp_path / "run", 2, "edora"))
+    assert result.exit_code == 2 and "FSDP is not supported yet" in result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()

@@ -12,6 +12,8 @@ PARAMETERS = {
                         'EVAL_ROWS = 4\nMAX_NEW_TOKENS = 24\nOUTPUT = "runs/quickstart"\nQSVD_SOURCE = None',
     "compare_methods": 'MODEL = "smollm2-135m"\nMETHODS = ["lora", "edora"]\nMAX_STEPS = 2\nBATCH_SIZE = 2\n'
                        'SEQ_LEN = 128\nEVAL_ROWS = 4\nMAX_NEW_TOKENS = 24\nQSVD_SOURCE = None',
+    "kaggle_t4": 'MODEL = "smollm2-135m"\nMETHOD = "edora"\nNUM_PROCESSES = 2\nMAX_STEPS = 2\nBATCH_SIZE = 1\n'
+                 'SEQ_LEN = 128\nEVAL_ROWS = 4\nMAX_NEW_TOKENS = 24\nOUTPUT = "runs/kaggle"\nQSVD_SOURCE = None',
 }
 
 
@@ -39,3 +41,12 @@ def test_compare_methods_trains_each_and_plots(tmp_path):
     assert "lora: 4,884,480 trainable" in text and "edora: 209,280 trainable" in text
     assert "plotted lora, edora" in text
     assert (tmp_path / "compare_methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_kaggle_t4_trains_on_two_processes_evaluates_and_exports(tmp_path):
+    text = run_notebook("kaggle_t4", tmp_path)
+    assert "fits: yes" in text and "2 process(es), global batch 2" in text
+    assert "trained on 2 processes: 209,280 trainable params" in text
+    assert "on 4 held-out problems" in text
+    assert "['README.md', 'adapter_config.json', 'adapter_model.safetensors']" in text
+    assert (tmp_path / "runs" / "kaggle-peft" / "adapter_model.safetensors").is_file()

@@ -8,11 +8,16 @@ target layers' shapes are exact for any architecture. The parts, in bytes:
 - gradients: 4 a trainable weight; optimizer: paged 8-bit AdamW keeps 2 bytes a weight for
   tensors of 4096 elements or more, 8 below (bitsandbytes' min_8bit_size), AdamW 8;
 - activations: each decoder block's input kept for the backward pass, plus one block's working
-  set (recomputed under gradient checkpointing, else kept for every block), plus the logits of
-  the supervised tokens in fp32 with their gradient;
-- the split's workspace while the model is prepared: a few fp32 copies of the largest layer;
-- on a CPU, the process's libraries (this process's own resident memory after its imports);
-  on a GPU, its CUDA context.
+  set (recomputed under gradient checkpointing, else kept for every block; on a CPU with the
+  attention scores, which GPU kernels never hold whole), plus the logits of the supervised tokens
+  in fp32 with their gradient;
+- the split's workspace while the model is prepared: a few fp32 copies of the largest layer, and
+  one shard of the prepared model serialized in memory as it is written;
+- on a CPU, the process's libraries (this process's own resident memory after its imports), and
+  what the C allocator (glibc) keeps of the freed buffers: measured on SmolLM2-135M, about
+  `CPU_ALLOCATOR_CACHE` times a step's activation and logit buffers (or the split's fp32 copies),
+  plus `CPU_SETUP_RESIDUE_MIB` left from loading and splitting; on a GPU, its CUDA context.
+Rows are planned at --seq-len tokens, every one supervised: shorter rows need less.
 """
 
 from dataclasses import dataclass, replace
@@ -27,11 +32,14 @@ from .errors import QSVDError
 from .load import EMBEDDED_ALIAS, HUB_ALIASES, resolve_model
 from .memory import status_mb
 from .methods import METHODS
+from .prepared import SHARD_BYTES
 from .split import find_targets, make_spec
 
 GPUS_MIB = {"t4": 15_360, "a10": 23_028, "4090": 24_564, "a100-40": 40_960, "h100": 81_559}  # nvidia-smi totals
 BF16_GPUS = {"a10", "4090", "a100-40", "h100"}  # compute capability ≥ 8.0; a T4 (7.5) trains in fp16
 CUDA_CONTEXT_MIB = 500
+CPU_ALLOCATOR_CACHE = 2.1  # glibc's kept freed buffers ÷ the live ones, measured (README: Will it fit?)
+CPU_SETUP_RESIDUE_MIB = 64  # heap left after loading and splitting, measured
 SPLIT_COPIES = 4  # fp32 copies of the largest target while it is split (W, its factors, the residual, Q's input)
 ALIAS_CONFIGS = {  # the hub aliases' configs, so that a plan needs no download
     "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -130,16 +138,25 @@ def budget(setup: Setup) -> dict[str, float]:
     hidden, blocks = config.hidden_size, config.num_hidden_layers
     tokens = setup.batch_size * setup.seq_len
     block_working_set = tokens * (10 * hidden + 4 * config.intermediate_size) * dtype_bytes
+    if not on_gpu and setup.batch_size > 1:  # with padding, CPU attention holds the scores, their softmax and its gradient
+        block_working_set += 3 * setup.batch_size * config.num_attention_heads * setup.seq_len ** 2 * dtype_bytes
     kept_inputs = blocks * tokens * hidden * dtype_bytes
     parts["activations"] = kept_inputs + block_working_set * (1 if setup.gradient_checkpointing else blocks)
     parts["logits"] = 2 * tokens * config.vocab_size * 4
     largest = max(linear.weight.numel() for linear in linears.values())
-    parts["split workspace"] = SPLIT_COPIES * 4 * largest
-    parts["runtime"] = (CUDA_CONTEXT_MIB if on_gpu else status_mb("VmRSS")) * 2**20
+    split_copies = SPLIT_COPIES * 4 * largest
+    parts["split workspace"] = split_copies + min(parts["frozen targets"] + parts["adapter"], SHARD_BYTES)
+    if on_gpu:
+        parts["runtime"] = CUDA_CONTEXT_MIB * 2**20
+    else:
+        parts["runtime"] = (status_mb("VmRSS") + CPU_SETUP_RESIDUE_MIB) * 2**20
+        parts["allocator cache, training"] = CPU_ALLOCATOR_CACHE * (parts["activations"] + parts["logits"])
+        parts["allocator cache, split"] = CPU_ALLOCATOR_CACHE * split_copies  # the shard: one mmap, returned
     weights = parts["frozen targets"] + parts["other weights"] + parts["adapter"]
     parts["training total"] = weights + parts["gradients"] + parts["optimizer"] + parts["activations"] + \
-        parts["logits"] + parts["runtime"]
-    parts["preparation total"] = weights + parts["split workspace"] + parts["runtime"]
+        parts["logits"] + parts["runtime"] + parts.get("allocator cache, training", 0)
+    parts["preparation total"] = weights + parts["split workspace"] + parts["runtime"] + \
+        parts.get("allocator cache, split", 0)
     parts["peak"] = max(parts["training total"], parts["preparation total"])
     return parts
 
@@ -186,8 +203,8 @@ def plan(model: str = EMBEDDED_ALIAS, gpu: str | None = None, **options) -> dict
                   f"{'on' if setup.gradient_checkpointing else 'off'}, on {where}")
     for name, value in parts.items():
         if name == "training total":
-            console.print("  " + "-" * 38)
-        console.print(f"  {name:<22}{value / 2**20:>12,.0f} MiB")
+            console.print("  " + "-" * 40)
+        console.print(f"  {name:<26}{value / 2**20:>10,.0f} MiB")
     fits = parts["peak"] / 2**20 <= capacity
     console.print(f"fits: {'yes' if fits else 'no'} ({parts['peak'] / 2**20:,.0f} of {capacity:,.0f} MiB)")
     if not fits:

@@ -66,3 +66,15 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.mktemp("qsvd-cache")
     monkeypatch.setenv("QSVD_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """A qsvd cache for the embedded model (SmolLM2-135M-Instruct), shared by the tests that use it."""
+    from qsvd.load import embedded_gguf
+
+    try:
+        embedded_gguf()
+    except Exception as error:  # the README's set-up installs it; say so plainly if it is missing
+        pytest.fail(f"the embedded model is not installed: {error}")
+    return tmp_path_factory.mktemp("qsvd-cache")

@@ -1,11 +1,19 @@
-"""`qsvd plan`: its parts equal what a prepared model really holds; it needs no weights; it advises."""
+"""`qsvd plan`: its parts equal what a prepared model really holds, its total is the measured peak
+of real runs within 15%; it needs no weights; it advises."""
 
+import json
+import os
+import random
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
 
 from qsvd.cli import cli
+from qsvd.load import load_tokenizer, resolve_model
 from qsvd.plan import Setup, budget
 from qsvd.split import adapter_layers, prepare
 
@@ -53,3 +61,36 @@ def test_plan_for_a_t4_advises_what_fits():
 def test_plan_bad_input(args, message):
     result = CliRunner().invoke(cli, ["plan", *args])
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def full_rows(tokenizer, seq_len: int, path, rows: int = 16) -> None:
+    """Rows whose answers fill --seq-len, as the plan assumes: every token supervised."""
+    words = "alpha beta gamma delta river stone cloud seven eleven market garden window yellow quiet".split()
+    rng = random.Random(0)
+    with open(path, "w") as file:
+        for i in range(rows):
+            ids = tokenizer(" ".join(rng.choice(words) for _ in range(seq_len)), add_special_tokens=False)["input_ids"]
+            row = {"instruction": f"Write word list {i}.", "output": tokenizer.decode(ids[:seq_len - 40])}
+            file.write(json.dumps(row) + "\n")
+
+
+@pytest.mark.parametrize("method, batch_size, seq_len", [("edora", 2, 128), ("milora", 2, 256), ("loraxs", 1, 512)])
+def test_plan_is_the_measured_peak_of_a_real_run_within_15_percent(method, batch_size, seq_len, model_cache, tmp_path,
+                                                                   monkeypatch):
+    """SmolLM2-135M on this CPU: a 2-step run and the plan, each in a fresh process; the run
+    prepares its model afresh (its own cache, sharing only the converted model)."""
+    monkeypatch.setenv("QSVD_CACHE", str(model_cache))
+    tokenizer = load_tokenizer(resolve_model("smollm2-135m"))  # converts the GGUF once, outside the measured run
+    full_rows(tokenizer, seq_len, tmp_path / "rows.jsonl")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(model_cache / "models")
+    env = os.environ | {"QSVD_CACHE": str(cache)}
+    sizes = ["--method", method, "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+    subprocess.run([sys.executable, "-m", "qsvd", "finetune", *sizes, "--data", str(tmp_path / "rows.jsonl"),
+                    "--max-steps", "2", "--output", str(tmp_path / "run")], env=env, check=True, capture_output=True)
+    measured = json.loads((tmp_path / "run" / "qsvd_config.json").read_text())["peak_memory_mb"]
+    plan = subprocess.run([sys.executable, "-m", "qsvd", "plan", *sizes], env=env, check=True, capture_output=True,
+                          text=True)
+    planned = float(re.search(r"peak\s+([\d,]+) MiB", plan.stderr).group(1).replace(",", ""))
+    assert abs(planned - measured) / measured < 0.15, (planned, measured, plan.stderr)

@@ -8,15 +8,6 @@ import pytest
 from qsvd.load import embedded_gguf
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    try:
-        embedded_gguf()
-    except Exception as error:  # the README's set-up installs it; say so plainly if it is missing
-        pytest.fail(f"the embedded model is not installed: {error}")
-    return tmp_path_factory.mktemp("qsvd-cache")
-
-
 IDS = [[1, 504, 3458, 314, 2656, 30, 198, 2]]
 
 

@@ -88,7 +88,8 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
         batches = first_batches(dataset, tokenizer, config.gradient_samples, config.batch_size, config.seed)
         with out_of_memory_advice("estimating lorasb's gradients", "--grad-mem-budget 1GB, --grad-sketch, "
                                   "or fewer --grad-samples"):
-            init_from_gradients(model, adapter_layers(model), batches, first_step_lr(config, len(dataset), state.num_processes),
+            init_from_gradients(model, adapter_layers(model), batches,
+                                first_step_lr(config, len(dataset), state.num_processes),
                                 config.grad_budget_bytes, config.grad_sketch)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 

@@ -74,7 +74,8 @@ def full_rows(tokenizer, seq_len: int, path, rows: int = 16) -> None:
             file.write(json.dumps(row) + "\n")
 
 
-@pytest.mark.parametrize("method, batch_size, seq_len", [("edora", 2, 128), ("milora", 2, 256), ("loraxs", 1, 512)])
+@pytest.mark.parametrize("method, batch_size, seq_len", [
+    ("edora", 2, 128), ("loraxs", 1, 512), pytest.param("milora", 2, 256, marks=pytest.mark.slow)])
 def test_plan_is_the_measured_peak_of_a_real_run_within_15_percent(method, batch_size, seq_len, model_cache, tmp_path,
                                                                    monkeypatch):
     """SmolLM2-135M on this CPU: a 2-step run and the plan, each in a fresh process; the run

@@ -14,6 +14,7 @@ import sys
 import datasets
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from .console import console
 from .errors import QSVDError
@@ -25,7 +26,7 @@ def processes() -> PartialState:
     Without a GPU the processes run on CPU and talk over gloo. Non-main processes print nothing.
     FSDP is refused: see the README.
     """
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):  # read as accelerate itself reads it
         raise QSVDError("FSDP is not supported yet: qsvd's NF4 layers keep their packed weights as uint8 and "
                         "the adapters in fp32, which FSDP cannot flatten together; use data parallel "
                         "(--num-processes N, or an accelerate config with distributed_type: MULTI_GPU)")

@@ -21,10 +21,9 @@ from qsvd.prepared import obtain
 from qsvd.split import make_spec
 
 
-def run_args(model_dir, output, batch_size, method, *extra):
+def run_args(model_dir, output, batch_size, method):
     return ["finetune", "--model", str(model_dir), "--output", str(output), "--method", method, "--bits", "4",
-            "--rank", "4", "--batch-size", str(batch_size), "--max-steps", "4", "--save-steps", "2", "--lr", "3e-2",
-            *map(str, extra)]
+            "--rank", "4", "--batch-size", str(batch_size), "--max-steps", "4", "--save-steps", "2", "--lr", "3e-2"]
 
 
 def spy_on_prepared(directory):

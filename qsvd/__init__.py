@@ -2,6 +2,13 @@
 
 __version__ = "0.1.0"
 
+import logging  # noqa: E402
+
+# bitsandbytes warns on import, on every CPU without its optional `kernels` package, that it could not
+# load that package's 4-bit CPU kernel; it falls back to its own, and nothing is for the user to do.
+BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+logging.getLogger(BNB_CPU_LOGGER).setLevel(logging.ERROR)
+
 from .config import FinetuneConfig  # noqa: E402
 from .errors import QSVDError  # noqa: E402
 from .evaluate import evaluate  # noqa: E402

@@ -21,6 +21,11 @@ from .plan import GPUS_MIB
 from .plan import plan as run_plan
 
 
+MODEL_HELP = ("A hub id ORG/NAME, an alias (smollm2-135m, the default; llama-7b, llama2-7b, llama3-8b, mistral-7b, "
+              "qwen2.5-7b), a local HF directory with safetensors, or a .gguf file.")
+REVISION_HELP = "A hub model's branch, tag or commit (default: main)."
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.pass_context
@@ -33,7 +38,8 @@ def split_options(command):
     """The options that define the split: shared by `finetune` and `init`."""
     options = [
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; flags override it."),
-        click.option("--model", help="smollm2-135m (default), llama-7b, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, an HF directory or a .gguf file."),
+        click.option("--model", help=MODEL_HELP),
+        click.option("--revision", help=REVISION_HELP),
         click.option("--method", type=click.Choice(list(METHODS)), help="Adapter method (default edora)."),
         click.option("--bits", type=int, help="Frozen storage: 4 (NF4, default), 8 (int8) or 16 (compute dtype)."),
         click.option("--rank", type=int, help="Adapter rank r (default 16)."),
@@ -105,6 +111,7 @@ def init(ctx: click.Context, config_file, **flags) -> None:
 @click.option("--max-new-tokens", type=int, default=256, show_default=True, help="gen: longest answer.")
 @click.option("--seq-len", type=int, default=512, show_default=True, help="ppl: tokens per window.")
 @click.option("--max-examples", type=int, help="Score only the first N rows.")
+@click.option("--revision", help=REVISION_HELP + " For a plain model.")
 @click.option("--predictions", help="JSONL of per-example predictions (default: eval-<data>-<task>.jsonl in the run dir, or here).")
 @click.pass_context
 def eval_(ctx: click.Context, target, **options) -> None:
@@ -131,7 +138,8 @@ def export(ctx: click.Context, run_dir, format_, **options) -> None:
 
 
 @cli.command()
-@click.option("--model", default="smollm2-135m", show_default=True, help="An alias, an HF directory (config.json is enough) or a .gguf file.")
+@click.option("--model", default="smollm2-135m", show_default=True, help=MODEL_HELP + " Only its config is read.")
+@click.option("--revision", help=REVISION_HELP)
 @click.option("--method", type=click.Choice(list(METHODS)), default="edora", show_default=True)
 @click.option("--bits", type=int, default=4, show_default=True)
 @click.option("--rank", type=int, default=16, show_default=True)

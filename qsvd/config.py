@@ -16,6 +16,7 @@ from .split import make_spec
 @dataclass
 class FinetuneConfig:
     model: str = "smollm2-135m"
+    revision: str | None = None  # a hub model's branch, tag or commit
     method: str = "edora"
     bits: int = 4
     rank: int = 16

@@ -333,8 +333,8 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def evaluate(target: str | Path, data: str | Path, task: str | None = None, predictions: str | Path | None = None,
              bits: int | None = None, batch_size: int = 8, max_new_tokens: int = 256, seq_len: int = 512,
-             max_examples: int | None = None) -> EvalResult:
-    """Evaluate a run directory, or a plain model (alias, HF directory or GGUF) stored at `bits`
+             max_examples: int | None = None, revision: str | None = None) -> EvalResult:
+    """Evaluate a run directory, or a plain model (alias, hub id, HF directory or GGUF) stored at `bits`
     (default 16), as `qsvd eval` does. The data and task are checked before any model loads."""
     check_positive({"batch-size": batch_size, "max-new-tokens": max_new_tokens, "seq-len": seq_len,
                     "max-examples": max_examples})
@@ -346,10 +346,12 @@ def evaluate(target: str | Path, data: str | Path, task: str | None = None, pred
     if is_run(target):
         if bits is not None:
             raise QSVDError(f"{target} is a trained run: its frozen base keeps the bits it was trained with; drop --bits")
+        if revision is not None:
+            raise QSVDError(f"{target} is a trained run: it keeps the base model it was trained on; drop --revision")
         model, tokenizer = load_run(target)
         default_predictions = target / f"eval-{Path(data).stem}-{task}.jsonl"
     else:
-        files = resolve_model(str(target))
+        files = resolve_model(str(target), revision)
         model, tokenizer = quantized_model(files, bits or 16), load_tokenizer(files)
         default_predictions = Path(f"eval-{target.stem}-{Path(data).stem}-{task}.jsonl")
     result = evaluate_model(model, tokenizer, rows, task, predictions or default_predictions, batch_size,

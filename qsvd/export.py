@@ -23,13 +23,12 @@ import torch
 from peft import LoraConfig
 from rich.progress import track
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoTokenizer
 
 from . import __version__, quantize
 from .config import parse_size
 from .console import console
 from .errors import QSVDError
-from .load import HUB_ALIASES, ModelFiles, atomic_dir, empty_model, open_weights
+from .load import ModelFiles, atomic_dir, empty_model, open_weights, read_config, read_tokenizer
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
 from .run import Run, check_output, read_run
@@ -82,8 +81,8 @@ def lora_updates(run: Run, model: torch.nn.Module) -> dict[str, LoraUpdate]:
 
 def base_model_name(run: Run, files: ModelFiles) -> str:
     """What the export applies to: a hub repo id, or the local directory or GGUF file."""
-    if run.model in HUB_ALIASES:
-        return HUB_ALIASES[run.model]
+    if files.repo_id is not None:
+        return files.repo_id
     return str(files.weights[0] if files.gguf else files.config_dir)
 
 
@@ -148,6 +147,8 @@ def write_merged(output: Path, run: Run, files: ModelFiles, model: torch.nn.Modu
     """A standard HF checkpoint with every update merged, read and written one shard at a time."""
     layer_cls = METHODS[run.spec.method]
     weights = open_weights(files, model)
+    config = read_config(files.config_dir, run.trust_remote_code)
+    tokenizer = read_tokenizer(files.config_dir, run.trust_remote_code)
 
     def export_tensor(name: str) -> torch.Tensor:
         value = weights.read(name)
@@ -176,13 +177,12 @@ def write_merged(output: Path, run: Run, files: ModelFiles, model: torch.nn.Modu
     if len(shards) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    config = AutoConfig.from_pretrained(files.config_dir, trust_remote_code=run.trust_remote_code)
     config.architectures = [type(model).__name__]
     config.dtype = dtype
     config.save_pretrained(output)
     if (files.config_dir / "generation_config.json").is_file():
         shutil.copyfile(files.config_dir / "generation_config.json", output / "generation_config.json")
-    AutoTokenizer.from_pretrained(files.config_dir, trust_remote_code=run.trust_remote_code).save_pretrained(output)
+    tokenizer.save_pretrained(output)
 
 
 def card_rows(run: Run, updates: dict[str, LoraUpdate], exported: str) -> list[tuple[str, str]]:

@@ -46,7 +46,7 @@ def init(config: FinetuneConfig | None = None, **options) -> Path:
     """Split and quantize only, as `qsvd init` does; returns the prepared model's directory."""
     config = config or FinetuneConfig.resolve(**options)
     set_seed(config.seed)
-    files = resolve_model(config.model)
+    files = resolve_model(config.model, config.revision)
     device = default_device()
     found = lookup(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code)
     if found.problem is None:
@@ -144,7 +144,7 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
     """What a run checks before any heavy work, cheapest first: --output against --resume and
     --overwrite, the data, the eval files, then the model's files (fetched or converted once)."""
     return Inputs(resume_point(config, config.output_dir), training_rows(config.data, config.seed),
-                  eval_sets(config.eval_data or [], config.eval_task), resolve_model(config.model))
+                  eval_sets(config.eval_data or [], config.eval_task), resolve_model(config.model, config.revision))
 
 
 def train_with_advice(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, work: Path,

@@ -1,4 +1,4 @@
-"""Stage 1: find the model (alias, HF directory or GGUF file) and read it one tensor at a time.
+"""Stage 1: find the model (alias, hub id, HF directory or GGUF file) and read it one tensor at a time.
 
 The model is built empty, on the meta device; its tensors are read when they are needed, one
 at a time: from safetensors shards through `safe_open`, or from a GGUF file, dequantized.
@@ -8,12 +8,15 @@ to a small cache directory.
 
 import hashlib
 import importlib.metadata
+import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 from collections.abc import Container
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from .console import console
 from .errors import QSVDError
@@ -38,6 +42,9 @@ HUB_ALIASES = {
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
 }
 GGUF_MAGIC = b"GGUF"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+MULTIMODAL_CONFIGS = ("vision_config", "audio_config", "speech_config")
 
 
 def cache_dir() -> Path:
@@ -107,6 +114,7 @@ class ModelFiles:
     config_dir: Path
     weights: tuple[Path, ...]
     gguf: bool = False
+    repo_id: str | None = None  # where it came from, for a hub model
 
     @cached_property
     def fingerprint(self) -> str:
@@ -138,38 +146,110 @@ def _gguf_files(gguf: Path) -> ModelFiles:
             config.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
 
-        atomic_dir(config_dir, write)
+        try:
+            atomic_dir(config_dir, write)
+        except Exception as error:  # the gguf reader and transformers' converters raise many types
+            raise QSVDError(f"{gguf} cannot be read as a GGUF model by transformers: {first_line(error)}") from None
     return ModelFiles(config_dir, (gguf,), gguf=True)
 
 
-def download(repo_id: str) -> Path:
-    """A hub model's safetensors and tokenizer, fetched with huggingface_hub (needs internet)."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "merges.txt", "vocab.txt", "*.tiktoken", "*.jinja"]
+HUB_SKIPPED = ["consolidated*"]  # Mistral's own format, beside the HF shards in some repos
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None):
+    """huggingface_hub's failures as one line that says what to do."""
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, IncompleteSnapshotError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        yield
+    except GatedRepoError:
+        raise QSVDError(f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id}, then log "
+                        f"in with `hf auth login` (or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise QSVDError(f"--model {repo_id}: no such model on the hub, or it is private; check the name, "
+                        f"or log in with `hf auth login` (or set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise QSVDError(f"--revision {revision}: {repo_id} has no such branch, tag or commit") from None
+    except HFValidationError as error:
+        raise QSVDError(f"--model {repo_id} is not a valid hub id ({error})") from None
+    except (LocalEntryNotFoundError, IncompleteSnapshotError):
+        raise QSVDError(f"{at} is not (completely) in the hub cache ({hub_cache()}) and the hub cannot be "
+                        f"reached; connect once to download it (HF_HUB_OFFLINE unset), or pass a local "
+                        f"directory to --model") from None
+    except (OSError, ValueError) as error:  # network and HTTP failures
+        raise QSVDError(f"could not download {at} from the hub ({type(error).__name__}: {error}); "
+                        f"check the connection, or pass a local directory to --model") from None
+
+
+def hub_cache() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return HF_HUB_CACHE
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """A hub model's config, safetensors weights and tokenizer files, into huggingface_hub's cache
+    (never pickle weights); offline (HF_HUB_OFFLINE=1) they are found there."""
     from huggingface_hub import snapshot_download
 
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
-    except Exception as error:
-        raise QSVDError(f"could not download {repo_id} from the hub ({type(error).__name__}); "
-                        f"on a machine without internet pass a local directory to --model") from error
+    with hub_errors(repo_id, revision):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES,
+                                      ignore_patterns=HUB_SKIPPED))
+
+
+def download_config(repo_id: str, revision: str | None = None) -> Path:
+    """The directory holding a hub model's config.json, fetched alone."""
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors(repo_id, revision):
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision)).parent
 
 
 def _directory_files(path: Path, spec: str) -> ModelFiles:
-    shards = tuple(sorted(path.glob("*.safetensors")))
-    if not (path / "config.json").is_file() or not shards:
-        raise QSVDError(f"--model {spec} holds no config.json and *.safetensors weights")
+    """An HF model directory: config.json and the safetensors shards its index names (else all)."""
+    if not (path / "config.json").is_file():
+        raise QSVDError(f"--model {spec} holds no config.json: it is not a transformers model directory")
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise QSVDError(f"{index} is corrupt (not JSON with a weight_map); download it again") from None
+        shards = tuple(sorted(path / name for name in names))
+        missing = [shard.name for shard in shards if not shard.is_file()]
+        if missing:
+            raise QSVDError(f"{index} names {missing[0]}, which is not in {path} ({len(missing)} of "
+                            f"{len(shards)} shards missing): the download is incomplete")
+    else:
+        shards = tuple(sorted(path.glob("*.safetensors")))
+    if not shards:
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise QSVDError(f"--model {spec} has only pickle weights ({pickled[0]}); qsvd reads safetensors only, "
+                            f"since loading pickle can run code: convert them, or use a revision with safetensors")
+        raise QSVDError(f"--model {spec} holds config.json but no *.safetensors weights")
     return ModelFiles(path, shards)
 
 
-def resolve_model(spec: str) -> ModelFiles:
-    """The files of an alias, an HF directory (safetensors) or a GGUF file."""
+def resolve_model(spec: str, revision: str | None = None) -> ModelFiles:
+    """The files of an alias, a local HF directory or GGUF file, or a hub id ORG/NAME (downloaded)."""
+    path = Path(spec).expanduser()
+    repo_id = HUB_ALIASES.get(spec) or (spec if HUB_ID.fullmatch(spec) and not path.exists() else None)
+    if revision is not None and repo_id is None:
+        raise QSVDError(f"--revision applies to hub models; --model {spec} is not one")
     if spec == EMBEDDED_ALIAS:
         return _gguf_files(embedded_gguf())
-    if spec in HUB_ALIASES:
-        return _directory_files(download(HUB_ALIASES[spec]), spec)
-    path = Path(spec).expanduser()
+    if repo_id is not None:
+        return replace(_directory_files(download(repo_id, revision), spec), repo_id=repo_id)
     if not path.exists():
         aliases = ", ".join([EMBEDDED_ALIAS, *HUB_ALIASES])
-        raise QSVDError(f"--model {spec}: no such file or directory, and not an alias ({aliases})")
+        raise QSVDError(f"--model {spec}: no such file or directory, and neither an alias ({aliases}) "
+                        f"nor a hub id ORG/NAME")
     if path.is_file():
         with path.open("rb") as f:
             if f.read(4) != GGUF_MAGIC:
@@ -178,37 +258,130 @@ def resolve_model(spec: str) -> ModelFiles:
     return _directory_files(path, spec)
 
 
+def read_config(config_dir: Path, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The model's config.json, read by transformers, or one line that says why it cannot be."""
+    path = config_dir / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(config_dir, trust_remote_code=trust_remote_code)
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError, TypeError, …
+        raise QSVDError(f"{path} cannot be read as a transformers config: {first_line(error)}") from None
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization.quant_method
+        raise QSVDError(f"{path}: the model is already quantized ({method}); qsvd quantizes the 16- or 32-bit "
+                        f"weights itself: use the original, unquantized model")
+    return config
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def read_tokenizer(config_dir: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer files in `config_dir`, as they are, or one line that says why they cannot be read."""
+    needs = "it needs tokenizer.json (or tokenizer.model) and tokenizer_config.json"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config_dir, trust_remote_code=trust_remote_code)
+    except Exception as error:  # as for the config: many types, from several tokenizer libraries
+        raise QSVDError(f"the tokenizer in {config_dir} cannot be loaded: {first_line(error)}; {needs}") from None
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise QSVDError(f"{config_dir} holds no tokenizer (transformers found {type(tokenizer).__name__}); {needs}")
+    return tokenizer
+
+
 def load_tokenizer(files: ModelFiles, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (eos where the model has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(files.config_dir, trust_remote_code=trust_remote_code)
+    tokenizer = read_tokenizer(files.config_dir, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        raise QSVDError(f"the tokenizer in {files.config_dir} has neither a pad nor an eos token; "
+                        f"qsvd needs one to end answers and pad batches")
     return tokenizer
 
 
 def empty_model(files: ModelFiles, trust_remote_code: bool = False) -> PreTrainedModel:
-    """The causal LM with its parameters on the meta device (no memory); buffers are real."""
-    config = AutoConfig.from_pretrained(files.config_dir, trust_remote_code=trust_remote_code)
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    """The causal LM with its parameters on the meta device (no memory); buffers are real.
+
+    An architecture transformers cannot build as a causal LM is refused here, by name, before
+    any weight is read."""
+    config = read_config(files.config_dir, trust_remote_code)
+    name = f"{config.model_type} ({files.config_dir / 'config.json'})"
+    if any(hasattr(config, key) for key in MULTIMODAL_CONFIGS):
+        raise QSVDError(f"{name} is a multimodal model; qsvd fine-tunes text-only causal language models "
+                        f"(for a Gemma 3 or Mistral 3, use its text-only checkpoint)")
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as error:
+        if "Unrecognized configuration class" not in str(error):
+            raise QSVDError(f"{name} describes a model that cannot be built: {first_line(error)}") from None
+        raise QSVDError(f"{name} is not a causal language model that transformers can build "
+                        f"(no AutoModelForCausalLM class); qsvd fine-tunes causal LMs") from None
+    except Exception as error:  # sizes that do not fit together, and the like
+        raise QSVDError(f"{name} describes a model that cannot be built: {first_line(error)}") from None
 
 
 class SafetensorsWeights:
-    """Tensors by name from safetensors shards. A tensor read is a view of its shard's memory
-    map that keeps only that map alive, so pages are resident only while a tensor uses them."""
+    """Tensors by the model's names from safetensors shards. Checkpoint names are mapped to the
+    model's by transformers' own conversion mapping: renamed (Mixtral's block_sparse_moe → mlp), or
+    converted from several tensors (its experts' w1, w3 → one fused gate_up_proj).
 
-    def __init__(self, shards: tuple[Path, ...]):
+    A tensor read is a view of its shard's memory map that keeps only that map alive, so pages are
+    resident only while a tensor uses them. Without a `model` the names are the checkpoint's."""
+
+    def __init__(self, shards: tuple[Path, ...], model: PreTrainedModel | None = None):
         self.shard_of = {}
         for shard in shards:
             with _open_shard(shard) as f:
                 self.shard_of.update(dict.fromkeys(f.keys(), shard))
+        self.source_of = dict(zip(self.shard_of, self.shard_of))  # model name → checkpoint name, one to one
+        self.converted = {}  # model name → (converter, {source pattern: checkpoint names in order})
+        if model is not None:
+            self._map_names(model)
+
+    def _map_names(self, model: PreTrainedModel) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+
+        mapping = get_model_conversion_mapping(model)
+        renamings = [t for t in mapping if not isinstance(t, WeightConverter)]
+        converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        model_state = model.state_dict()
+        self.source_of = {}
+        for key in sorted(self.shard_of, key=dot_natural_key):
+            name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, model_state)
+            if pattern is None:
+                self.source_of[name] = key
+            else:
+                converter = next(c for c in converters if pattern in c.source_patterns)
+                self.converted.setdefault(name, (converter, {}))[1].setdefault(pattern, []).append(key)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.shard_of
+        return name in self.source_of or name in self.converted
 
     def read(self, name: str) -> torch.Tensor:
-        with _open_shard(self.shard_of[name]) as f:
-            return f.get_tensor(name)
+        if name in self.converted:  # run the converter's operations, as transformers' loader does
+            converter, sources = self.converted[name]
+            tensors = {pattern: [self._read_stored(key) for key in keys] for pattern, keys in sources.items()}
+            for operation in converter.operations:
+                tensors = operation.convert(tensors, source_patterns=converter.source_patterns,
+                                            target_patterns=converter.target_patterns)
+            return next(tensor for target, tensor in tensors.items() if target in name)
+        return self._read_stored(self.source_of[name])
+
+    def file_of(self, name: str) -> Path:
+        source = self.converted[name][1] if name in self.converted else {None: [self.source_of[name]]}
+        return self.shard_of[next(iter(source.values()))[0]]
+
+    def _read_stored(self, key: str) -> torch.Tensor:
+        with _open_shard(self.shard_of[key]) as f:
+            try:
+                return f.get_tensor(key)
+            except (SafetensorError, OSError) as error:
+                raise QSVDError(f"{self.shard_of[key]}: its tensor {key} cannot be read ({error}); "
+                                f"the file is truncated or corrupt, download or convert it again") from None
 
 
 def _open_shard(shard: Path):
@@ -229,17 +402,27 @@ class GGUFWeights:
 
         config = model.config.to_dict()
         self.processor = TENSOR_PROCESSORS.get(model.config.model_type, TensorProcessor)(config=config)
-        hf_name = get_gguf_hf_weights_map(model, self.processor)
-        self.tensors = {hf_name[t.name]: t for t in GGUFReader(gguf).tensors if t.name in hf_name}
+        try:
+            hf_name = get_gguf_hf_weights_map(model, self.processor)
+            self.tensors = {hf_name[t.name]: t for t in GGUFReader(gguf).tensors if t.name in hf_name}
+        except Exception as error:  # a truncated or corrupt file fails in numpy's memory map, struct, …
+            raise QSVDError(f"{gguf} is not a readable GGUF file: {first_line(error)}") from None
+        self.path = gguf
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
+
+    def file_of(self, name: str) -> Path:
+        return self.path
 
     def read(self, name: str) -> torch.Tensor:
         from gguf import dequantize
 
         tensor = self.tensors[name]
-        weights = dequantize(tensor.data, tensor.tensor_type)
+        try:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+        except (NotImplementedError, ValueError) as error:
+            raise QSVDError(f"{self.path}: its tensor {tensor.name} cannot be dequantized: {first_line(error)}") from None
         weights = self.processor.process(weights=weights, name=tensor.name, tensor_key_mapping={},
                                          parsed_parameters={"tensors": {}}).weights
         return torch.from_numpy(np.array(weights, dtype=np.float32))  # a writable copy
@@ -247,16 +430,30 @@ class GGUFWeights:
 
 def open_weights(files: ModelFiles, model: PreTrainedModel) -> SafetensorsWeights | GGUFWeights:
     """A reader of the model's tensors by name, one at a time."""
-    return GGUFWeights(files.weights[0], model) if files.gguf else SafetensorsWeights(files.weights)
+    return GGUFWeights(files.weights[0], model) if files.gguf else SafetensorsWeights(files.weights, model)
+
+
+def read_checked(weights, name: str, expected: torch.Tensor) -> torch.Tensor:
+    """The checkpoint's tensor for the model tensor `expected` (on the meta device), if it fits it."""
+    if name not in weights:
+        raise QSVDError(f"the checkpoint has no tensor {name}: is it complete, and of this model's architecture?")
+    value = weights.read(name)
+    if value.shape != expected.shape:
+        raise QSVDError(f"{weights.file_of(name)}: {name} is {tuple(value.shape)}, but the model's config makes it "
+                        f"{tuple(expected.shape)}: the weights and config.json are of different models")
+    if expected.is_floating_point() and not value.is_floating_point():
+        raise QSVDError(f"{weights.file_of(name)}: {name} is {value.dtype}, not floating point: qsvd reads 16- or "
+                        f"32-bit weights (it quantizes them itself), not an already quantized checkpoint")
+    return value
 
 
 def load_tensors(model: nn.Module, weights, skip: Container[str], device: torch.device,
                  dtype: torch.dtype) -> None:
     """Read every model tensor not in `skip` into place: floating ones in `dtype`, on `device`."""
-    for name in model.state_dict():
+    for name, expected in model.state_dict().items():
         if name in skip or name not in weights:
             continue
-        value = weights.read(name)
+        value = read_checked(weights, name, expected)
         set_module_tensor_to_device(model, name, device, value=value,
                                     dtype=dtype if value.is_floating_point() else None)
     model.tie_weights()

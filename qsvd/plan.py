@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .config import check_positive
 from .console import console
 from .errors import QSVDError
-from .load import EMBEDDED_ALIAS, HUB_ALIASES, resolve_model
+from .load import EMBEDDED_ALIAS, HUB_ALIASES, HUB_ID, download_config, read_config, resolve_model
 from .memory import status_mb
 from .methods import METHODS
 from .prepared import SHARD_BYTES
@@ -59,6 +59,7 @@ assert ALIAS_CONFIGS.keys() == HUB_ALIASES.keys()
 @dataclass(frozen=True)
 class Setup:
     model: str
+    revision: str | None = None
     method: str = "edora"
     bits: int = 4
     rank: int = 16
@@ -70,14 +71,20 @@ class Setup:
     optim: str = "paged_adamw_8bit"
 
 
-def model_config(model: str):
-    """The model's config: known for the hub aliases, else read from its (local) files."""
-    if model in ALIAS_CONFIGS:
+def model_config(model: str, revision: str | None = None):
+    """The model's config: known for the hub aliases, fetched alone for a hub id, else read from
+    its local files (a directory with no weights yet will do)."""
+    if model in ALIAS_CONFIGS and revision is None:
         shape = dict(ALIAS_CONFIGS[model])
         return AutoConfig.for_model(shape.pop("model_type"), **shape)
-    if (Path(model) / "config.json").is_file():  # a directory with no weights yet will do
-        return AutoConfig.from_pretrained(model)
-    return AutoConfig.from_pretrained(resolve_model(model).config_dir)
+    repo_id = HUB_ALIASES.get(model, model)
+    if HUB_ID.fullmatch(repo_id) and not Path(model).exists():
+        return read_config(download_config(repo_id, revision))
+    if revision is not None:
+        raise QSVDError(f"--revision applies to hub models; --model {model} is not one")
+    if (Path(model) / "config.json").is_file():
+        return read_config(Path(model))
+    return read_config(resolve_model(model).config_dir)
 
 
 def frozen_bytes(out_features: int, in_features: int, bits: int, dtype_bytes: int) -> float:
@@ -113,7 +120,7 @@ def optimizer_bytes(numel: int, optim: str) -> float:
 
 def budget(setup: Setup) -> dict[str, float]:
     """Bytes by part, and the training and preparation totals."""
-    config = model_config(setup.model)
+    config = model_config(setup.model, setup.revision)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()

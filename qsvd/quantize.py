@@ -4,6 +4,11 @@
 - bits 8: bitsandbytes int8 (`Linear8bitLt`, no fp16 outlier columns, so deq(Q(W)) is
   exactly what the forward pass multiplies by);
 - bits 16: a plain frozen `nn.Linear` in the compute dtype.
+
+On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place on its first forward pass
+in eval mode, for a kernel of its own whose results differ from the training path's (by about
+1e-3 in SmolLM2's logits) and after which deq(Q(W)) can no longer be read from the layer. qsvd
+turns that off, so that a model gives the same outputs in training and evaluation on every CPU.
 """
 
 import bitsandbytes as bnb
@@ -37,7 +42,14 @@ def freeze(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, dtype: to
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if has_bias:
         layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-    return layer.to(device)  # moving a bnb layer to its device is what quantizes it
+    return same_path_in_eval(layer.to(device))  # moving a bnb layer to its device is what quantizes it
+
+
+def same_path_in_eval(layer: nn.Module) -> nn.Module:
+    """Keep bitsandbytes from repacking a 4-bit layer for its CPU eval kernel (see above)."""
+    if isinstance(layer, bnb.nn.Linear4bit):
+        layer.support_avx512bf16_for_cpu = False
+    return layer
 
 
 def load_frozen(state: dict[str, torch.Tensor], bits: int, dtype: torch.dtype,
@@ -63,7 +75,7 @@ def load_frozen(state: dict[str, torch.Tensor], bits: int, dtype: torch.dtype,
     layer.weight = weight
     if bias is not None:
         layer.bias = nn.Parameter(bias.to(device, dtype), requires_grad=False)
-    return layer
+    return same_path_in_eval(layer)
 
 
 def dequantize(layer: nn.Module) -> torch.Tensor:

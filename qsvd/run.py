@@ -89,7 +89,7 @@ class Run:
 
     def model_files(self) -> ModelFiles:
         """The base model's files, checked to be the ones this run was trained on."""
-        files = resolve_model(self.model)
+        files = resolve_model(self.model, self.record["config"].get("revision"))
         if files.fingerprint != self.fingerprint:
             raise QSVDError(f"the model {self.model} is not the one {self.path} was trained on "
                             f"(fingerprint {files.fingerprint} ≠ {self.fingerprint})")

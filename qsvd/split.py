@@ -17,7 +17,7 @@ from torch import nn
 from . import quantize
 from .console import console
 from .errors import QSVDError
-from .load import ModelFiles, empty_model, load_tensors, open_weights
+from .load import ModelFiles, empty_model, load_tensors, open_weights, read_checked
 from .memory import return_freed_memory
 from .methods import METHODS, AdapterLayer, AdapterSpec
 from .methods.lorasb import init_from_gradients
@@ -43,6 +43,11 @@ def find_targets(model: nn.Module, targets: Iterable[str] | None = None) -> dict
     head = model.get_output_embeddings()
     linears = {name: module for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and module is not head}
+    if not linears:
+        layers = sorted({type(module).__name__ for module in model.modules()
+                         if next(module.parameters(recurse=False), None) is not None})
+        raise QSVDError(f"{model.config.model_type} has no linear layers (torch.nn.Linear) for qsvd to adapt; "
+                        f"its layers are {', '.join(layers)}")
     if targets is None:
         return linears
     targets = list(targets)
@@ -174,7 +179,9 @@ def target_tensors(name: str, linear: nn.Linear, weights=None) -> tuple[torch.Te
     """A target's W and b: read from the checkpoint if `weights` is given, else the loaded layer's."""
     if weights is None:
         return linear.weight, linear.bias
-    return weights.read(f"{name}.weight"), weights.read(f"{name}.bias") if linear.bias is not None else None
+    read = {key: read_checked(weights, f"{name}.{key}", getattr(linear, key))
+            for key in ("weight", "bias") if getattr(linear, key) is not None}
+    return read["weight"], read.get("bias")
 
 
 def load_non_targets(model: nn.Module, linears: dict[str, nn.Linear], weights, device: torch.device) -> None:

@@ -232,7 +232,8 @@ def _directory_files(path: Path, spec: str) -> ModelFiles:
         if pickled:
             raise QSVDError(f"--model {spec} has only pickle weights ({pickled[0]}); qsvd reads safetensors only, "
                             f"since loading pickle can run code: convert them, or use a revision with safetensors")
-        raise QSVDError(f"--model {spec} holds config.json but no *.safetensors weights")
+        raise QSVDError(f"--model {spec} holds config.json but no *.safetensors weights (qsvd reads safetensors "
+                        f"only, never pickle weights)")
     return ModelFiles(path, shards)
 
 
@@ -302,12 +303,15 @@ def load_tokenizer(files: ModelFiles, trust_remote_code: bool = False) -> PreTra
 
 
 def empty_model(files: ModelFiles, trust_remote_code: bool = False) -> PreTrainedModel:
-    """The causal LM with its parameters on the meta device (no memory); buffers are real.
-
-    An architecture transformers cannot build as a causal LM is refused here, by name, before
-    any weight is read."""
+    """The causal LM with its parameters on the meta device (no memory); buffers are real."""
     config = read_config(files.config_dir, trust_remote_code)
-    name = f"{config.model_type} ({files.config_dir / 'config.json'})"
+    return model_from_config(config, files.config_dir / "config.json", trust_remote_code)
+
+
+def model_from_config(config: PretrainedConfig, source, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The causal LM of `config` on the meta device. An architecture that transformers cannot build
+    as a causal LM, or that is multimodal, is refused here by name, before any weight is read."""
+    name = f"{config.model_type} ({source})"
     if any(hasattr(config, key) for key in MULTIMODAL_CONFIGS):
         raise QSVDError(f"{name} is a multimodal model; qsvd fine-tunes text-only causal language models "
                         f"(for a Gemma 3 or Mistral 3, use its text-only checkpoint)")

@@ -23,13 +23,12 @@ Rows are planned at --seq-len tokens, every one supervised: shorter rows need le
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from .config import check_positive
 from .console import console
 from .errors import QSVDError
-from .load import EMBEDDED_ALIAS, HUB_ALIASES, HUB_ID, download_config, read_config, resolve_model
+from .load import EMBEDDED_ALIAS, HUB_ALIASES, HUB_ID, download_config, model_from_config, read_config, resolve_model
 from .memory import status_mb
 from .methods import METHODS
 from .prepared import SHARD_BYTES
@@ -120,9 +119,8 @@ def optimizer_bytes(numel: int, optim: str) -> float:
 
 def budget(setup: Setup) -> dict[str, float]:
     """Bytes by part, and the training and preparation totals."""
-    config = model_config(setup.model, setup.revision)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config)
+    model = model_from_config(model_config(setup.model, setup.revision), setup.model)
+    config = model.config
     model.tie_weights()
     spec = make_spec(setup.method, setup.rank, bits=setup.bits)
     linears = find_targets(model, setup.targets)

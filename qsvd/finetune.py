@@ -17,12 +17,12 @@ from .data import TrainingRows, first_batches, tokenize_rows, training_rows
 from .errors import QSVDError, out_of_memory_advice
 from .evaluate import eval_sets, evaluate_model
 from .launch import processes
-from .load import ModelFiles, load_tokenizer, resolve_model
+from .load import ModelFiles, empty_model, load_tokenizer, read_tokenizer, resolve_model
 from .methods import METHODS
 from .methods.lorasb import init_from_gradients
 from .prepared import build_to_disk, lookup, obtain
 from .run import publish, write_run
-from .split import adapter_layers, default_device
+from .split import adapter_layers, default_device, find_targets
 from .train import CHECKPOINTING, NonFiniteLoss, first_step_lr, train
 
 
@@ -46,7 +46,7 @@ def init(config: FinetuneConfig | None = None, **options) -> Path:
     """Split and quantize only, as `qsvd init` does; returns the prepared model's directory."""
     config = config or FinetuneConfig.resolve(**options)
     set_seed(config.seed)
-    files = resolve_model(config.model, config.revision)
+    files = model_files(config)
     device = default_device()
     found = lookup(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code)
     if found.problem is None:
@@ -144,7 +144,16 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
     """What a run checks before any heavy work, cheapest first: --output against --resume and
     --overwrite, the data, the eval files, then the model's files (fetched or converted once)."""
     return Inputs(resume_point(config, config.output_dir), training_rows(config.data, config.seed),
-                  eval_sets(config.eval_data or [], config.eval_task), resolve_model(config.model, config.revision))
+                  eval_sets(config.eval_data or [], config.eval_task), model_files(config))
+
+
+def model_files(config: FinetuneConfig) -> ModelFiles:
+    """The model's files, with what can be checked before any weight is read: its config, its
+    architecture (adaptable linear layers) and its tokenizer."""
+    files = resolve_model(config.model, config.revision)
+    find_targets(empty_model(files, config.trust_remote_code))
+    read_tokenizer(files.config_dir, config.trust_remote_code)
+    return files
 
 
 def train_with_advice(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, work: Path,

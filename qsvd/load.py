@@ -275,8 +275,11 @@ def read_config(config_dir: Path, trust_remote_code: bool = False) -> Pretrained
 
 
 def first_line(error: BaseException) -> str:
+    """An exception's first line and type, as a clause of qsvd's one-line messages."""
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    module = type(error).__module__
+    kind = type(error).__qualname__ if module == "builtins" else f"{module}.{type(error).__qualname__}"
+    return f"{lines[0] if lines else 'no message'} ({kind})"
 
 
 def read_tokenizer(config_dir: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -461,8 +464,12 @@ def load_tensors(model: nn.Module, weights, skip: Container[str], device: torch.
         set_module_tensor_to_device(model, name, device, value=value,
                                     dtype=dtype if value.is_floating_point() else None)
     model.tie_weights()
-    missing = [name for name, tensor in model.state_dict().items()
-               if tensor.device.type == "meta" and name not in skip]
+    check_complete(model, lambda name, tensor: tensor.device.type != "meta" or name in skip)
+
+
+def check_complete(model: nn.Module, present) -> None:
+    """Every tensor of `model` for which `present(name, tensor)` is false is missing from the checkpoint."""
+    missing = [name for name, tensor in model.state_dict().items() if not present(name, tensor)]
     if missing:
         raise QSVDError(f"the checkpoint has no tensor {missing[0]} ({len(missing)} missing in all); "
                         f"is it a complete {model.config.model_type} checkpoint?")

@@ -28,7 +28,8 @@ from torch import nn
 
 from . import __version__, quantize
 from .console import console
-from .load import ModelFiles, SafetensorsWeights, atomic_dir, cache_dir, empty_model, file_sha256, open_weights
+from .load import (ModelFiles, SafetensorsWeights, atomic_dir, cache_dir, check_complete, empty_model, file_sha256,
+                   open_weights)
 from .memory import return_freed_memory
 from .methods import METHODS, AdapterLayer, AdapterSpec
 from .split import (QuantizationReport, adapter_layers, check_rank, compute_dtype, default_device, find_targets,
@@ -149,11 +150,14 @@ def build(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: torch.dev
 def build_to_disk(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: torch.device,
                   progress: bool = True) -> QuantizationReport | None:
     """`qsvd init`: read, split, quantize and write out one layer at a time, never holding the
-    model; embeddings, norms and head are not even read."""
+    model; embeddings, norms and head are not even read, only looked for (tied ones once)."""
     _say_rebuilding(found)
     linears = find_targets(found.model, found.targets)
     check_rank(linears, spec.rank)
     weights = open_weights(files, found.model)
+    found.model.tie_weights()
+    stored = set(dict(found.model.named_parameters())) | set(dict(found.model.named_buffers()))
+    check_complete(found.model, lambda name, _: name in weights or name not in stored)
     split_layer, report = layer_splitter(spec, device)
 
     def layers() -> Iterator[tuple[str, AdapterLayer]]:

@@ -91,7 +91,9 @@ def base_loader(run: Run, files: ModelFiles) -> str:
     if files.gguf:
         gguf = files.weights[0]
         return f"AutoModelForCausalLM.from_pretrained({str(gguf.parent)!r}, gguf_file={gguf.name!r})"
-    return f"AutoModelForCausalLM.from_pretrained({base_model_name(run, files)!r})"
+    revision = run.record["config"].get("revision")
+    pinned = f", revision={revision!r}" if revision else ""
+    return f"AutoModelForCausalLM.from_pretrained({base_model_name(run, files)!r}{pinned})"
 
 
 def peft_targets(updates: dict[str, LoraUpdate], model: torch.nn.Module) -> list[str]:

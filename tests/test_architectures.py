@@ -1,5 +1,6 @@
-"""Architectures beyond Llama, end to end on tiny random models: finetune 2 steps at 4 bits, export,
-and PEFT on the original weights gives the merged export's logits. Every method runs on one."""
+"""Architectures beyond Llama, end to end on tiny random models, as safetensors and as GGUF where
+transformers reads the architecture from GGUF: finetune 2 steps at 4 bits, export, and PEFT on the
+original weights gives the merged export's logits. Every method runs on one in each form."""
 
 import json
 
@@ -12,13 +13,14 @@ from transformers import (AutoModelForCausalLM, Gemma2Config, MistralConfig, Mix
 import qsvd
 
 from conftest import char_tokenizer
+from gguf_files import write_gguf
 
 SIZES = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=2, eos_token_id=3)
 CONFIGS = {
     "mistral": lambda: MistralConfig(**SIZES, tie_word_embeddings=False),
     "qwen2": lambda: Qwen2Config(**SIZES, tie_word_embeddings=False),  # biases on q, k, v
-    "qwen3": lambda: Qwen3Config(**SIZES, head_dim=16, tie_word_embeddings=False),  # q and k norms
+    "qwen3": lambda: Qwen3Config(**SIZES, tie_word_embeddings=False),  # q and k norms; head_dim 128, as GGUF assumes
     "gemma2": lambda: Gemma2Config(**SIZES, head_dim=16),  # soft-capping, tied embeddings
     "phi3": lambda: Phi3Config(**SIZES, tie_word_embeddings=False),  # fused qkv_proj and gate_up_proj
     "mixtral": lambda: MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False),
@@ -26,6 +28,11 @@ CONFIGS = {
 # (architecture, method): every method on a non-Llama architecture
 RUNS = [("mistral", "lora"), ("qwen2", "dora"), ("qwen3", "loraxs"), ("gemma2", "milora"), ("phi3", "lorasb"),
         ("mixtral", "edora"), ("mistral", "pissa")]
+# GGUF as llama.cpp writes it: a Mistral checkpoint as architecture "llama"; Mixtral's experts transformers
+# does not read from GGUF
+GGUF_RUNS = [("mistral", "edora"), ("qwen2", "pissa"), ("qwen3", "milora"), ("gemma2", "lora"), ("phi3", "dora"),
+             ("qwen2", "loraxs"), ("gemma2", "lorasb")]
+GGUF_ARCHITECTURE = {"mistral": "llama"}
 LR = {"lora": 1e-2, "dora": 1e-2, "pissa": 1e-2, "milora": 1e-2, "loraxs": 2e-1, "edora": 5e-2, "lorasb": 1e-1}
 TEXT = "Ava has 3 apples. Bob gives her 12 more."
 
@@ -65,23 +72,39 @@ def load_hf(path):
 @pytest.mark.parametrize("architecture,method", RUNS)
 def test_architecture_trains_and_exports_to_peft(architecture, method, model_dirs, tmp_path):
     model_dir = model_dirs[architecture]
-    trained = qsvd.finetune(model=str(model_dir), method=method, bits=4, rank=4, max_steps=2, lr=LR[method],
-                            seq_len=400, batch_size=4, grad_samples=4, output=str(tmp_path / "run"))
-    assert torch.isfinite(torch.tensor(trained.final_loss))
-    record = json.loads((tmp_path / "run" / "qsvd_config.json").read_text())
+    record = train_and_compare_exports(str(model_dir), method, lambda: load_hf(model_dir), tmp_path)
     kinds = {name.rsplit(".", 1)[-1] for name in record["targets"]}
     expected = {"mixtral": {"q_proj", "k_proj", "v_proj", "o_proj"},  # experts are fused 3-D tensors, not Linear
                 "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}
     assert kinds == expected.get(architecture, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                  "down_proj"})
 
+
+@pytest.mark.parametrize("architecture,method", GGUF_RUNS)
+def test_architecture_from_gguf_trains_and_exports_to_peft(architecture, method, model_dirs, tmp_path):
+    original = load_hf(model_dirs[architecture])
+    gguf = write_gguf(original, tmp_path / f"{architecture}.gguf", GGUF_ARCHITECTURE.get(architecture))
+
+    def load_gguf():
+        return AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32)
+
+    assert (logits(load_gguf()) - logits(original)).abs().max() < 1e-5  # the file holds the model
+    train_and_compare_exports(str(gguf), method, load_gguf, tmp_path)
+
+
+def train_and_compare_exports(model: str, method: str, load_base, tmp_path) -> dict:
+    """Train 2 steps, export both ways; PEFT on `load_base()` must give the merged export's logits.
+    Returns the run record."""
+    trained = qsvd.finetune(model=model, method=method, bits=4, rank=4, max_steps=2, lr=LR[method], seq_len=400,
+                            batch_size=4, grad_samples=4, output=str(tmp_path / "run"))
+    assert torch.isfinite(torch.tensor(trained.final_loss))
     peft_dir = qsvd.export(tmp_path / "run", tmp_path / "peft")
     merged_dir = qsvd.export(tmp_path / "run", tmp_path / "merged", format="merged", dtype="fp32")
-    base = logits(load_hf(model_dir))
     merged = logits(load_hf(merged_dir))
-    peft = logits(PeftModel.from_pretrained(load_hf(model_dir), peft_dir))
-    assert (merged - base).abs().max() > 1e-3  # the adapter moved the model, so the check below means something
+    peft = logits(PeftModel.from_pretrained(load_base(), peft_dir))
+    assert (merged - logits(load_base())).abs().max() > 1e-3  # the adapter moved the model: the check means something
     assert (peft - merged).abs().max() < 1e-4
+    return json.loads((tmp_path / "run" / "qsvd_config.json").read_text())
 
 
 def test_mixtral_experts_are_read_through_transformers_conversion(model_dirs):

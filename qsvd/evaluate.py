@@ -352,7 +352,8 @@ def evaluate(target: str | Path, data: str | Path, task: str | None = None, pred
         default_predictions = target / f"eval-{Path(data).stem}-{task}.jsonl"
     else:
         files = resolve_model(str(target), revision)
-        model, tokenizer = quantized_model(files, bits or 16), load_tokenizer(files)
+        tokenizer = load_tokenizer(files)  # checked before any weight is read
+        model = quantized_model(files, bits or 16)
         default_predictions = Path(f"eval-{target.stem}-{Path(data).stem}-{task}.jsonl")
     result = evaluate_model(model, tokenizer, rows, task, predictions or default_predictions, batch_size,
                             max_new_tokens, seq_len, f"--data {data}")

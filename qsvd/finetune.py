@@ -17,7 +17,7 @@ from .data import TrainingRows, first_batches, tokenize_rows, training_rows
 from .errors import QSVDError, out_of_memory_advice
 from .evaluate import eval_sets, evaluate_model
 from .launch import processes
-from .load import ModelFiles, empty_model, load_tokenizer, read_tokenizer, resolve_model
+from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
 from .methods import METHODS
 from .methods.lorasb import init_from_gradients
 from .prepared import build_to_disk, lookup, obtain
@@ -152,7 +152,7 @@ def model_files(config: FinetuneConfig) -> ModelFiles:
     architecture (adaptable linear layers) and its tokenizer."""
     files = resolve_model(config.model, config.revision)
     find_targets(empty_model(files, config.trust_remote_code))
-    read_tokenizer(files.config_dir, config.trust_remote_code)
+    load_tokenizer(files, config.trust_remote_code)
     return files
 
 

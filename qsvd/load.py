@@ -227,6 +227,9 @@ def _directory_files(path: Path, spec: str) -> ModelFiles:
                             f"{len(shards)} shards missing): the download is incomplete")
     else:
         shards = tuple(sorted(path.glob("*.safetensors")))
+    broken = [shard for shard in shards if not shard.is_file()]
+    if broken:
+        raise QSVDError(f"{broken[0]} is not a readable file (a broken link?): the download is incomplete")
     if not shards:
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickled:
@@ -265,7 +268,8 @@ def read_config(config_dir: Path, trust_remote_code: bool = False) -> Pretrained
     try:
         config = AutoConfig.from_pretrained(config_dir, trust_remote_code=trust_remote_code)
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, TypeError, …
-        raise QSVDError(f"{path} cannot be read as a transformers config: {first_line(error)}") from None
+        remote = "; if you trust the repository's code, pass --trust-remote-code" if "trust_remote_code" in str(error) else ""
+        raise QSVDError(f"{path} cannot be read as a transformers config: {first_line(error)}{remote}") from None
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None:
         method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else quantization.quant_method
@@ -295,8 +299,13 @@ def read_tokenizer(config_dir: Path, trust_remote_code: bool = False) -> PreTrai
 
 
 def load_tokenizer(files: ModelFiles, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The model's tokenizer, with a pad token (eos where the model has none)."""
+    """The model's tokenizer, with a pad token (eos where the model has none), checked to fit the
+    model's vocabulary."""
     tokenizer = read_tokenizer(files.config_dir, trust_remote_code)
+    vocab_size = read_config(files.config_dir, trust_remote_code).get_text_config().vocab_size
+    if len(tokenizer) > vocab_size:
+        raise QSVDError(f"the tokenizer in {files.config_dir} has {len(tokenizer):,} tokens, but the model's "
+                        f"vocabulary (vocab_size in config.json) only {vocab_size:,}: they are of different models")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token is None:

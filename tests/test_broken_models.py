@@ -35,6 +35,18 @@ def shard_index(path: Path, shards: list[str]) -> None:
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def shrink_vocabulary(path: Path) -> None:
+    """A model of 50 tokens beside the tokenizer of 104."""
+    rewrite_config(path, vocab_size=50)
+    rewrite_weights(path, lambda t: t.update({name: t[name][:50].contiguous()
+                                              for name in ("model.embed_tokens.weight", "lm_head.weight")}))
+
+
+def dangling_link(file: Path) -> None:
+    file.unlink()
+    file.symlink_to(file.with_name("gone"))
+
+
 DAMAGE = {  # how: (damage, what the error line says)
     "config not JSON": (lambda p: (p / "config.json").write_text("{ not json"), "config.json cannot be read"),
     "config empty": (lambda p: (p / "config.json").write_text(""), "config.json cannot be read"),
@@ -53,6 +65,10 @@ DAMAGE = {  # how: (damage, what the error line says)
     "config of another size": (lambda p: rewrite_config(p, intermediate_size=96),
                                "model.safetensors: model.layers.0.mlp.gate_proj.weight is (128, 64), but the model's "
                                "config makes it (96, 64)"),
+    "code of its own": (lambda p: rewrite_config(p, model_type="custom", auto_map={"AutoConfig": "custom.Config"}),
+                        "if you trust the repository's code, pass --trust-remote-code"),
+    "weights a broken link": (lambda p: dangling_link(p / "model.safetensors"), "(a broken link?)"),
+    "tokenizer of another model": (shrink_vocabulary, "has 104 tokens, but the model's vocabulary"),
     "weights truncated": (lambda p: truncate(p / "model.safetensors", 0.5), "model.safetensors is not a readable"),
     "weights empty": (lambda p: (p / "model.safetensors").write_bytes(b""), "model.safetensors is not a readable"),
     "weights garbage": (lambda p: (p / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{nonsense"),

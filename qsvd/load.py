@@ -252,8 +252,8 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelFiles:
         return replace(_directory_files(download(repo_id, revision), spec), repo_id=repo_id)
     if not path.exists():
         aliases = ", ".join([EMBEDDED_ALIAS, *HUB_ALIASES])
-        raise QSVDError(f"--model {spec}: no such file or directory, and neither an alias ({aliases}) "
-                        f"nor a hub id ORG/NAME")
+        raise QSVDError(f"--model {spec}: no such file or directory, and not an alias ({aliases}) "
+                        f"or a hub id ORG/NAME")
     if path.is_file():
         with path.open("rb") as f:
             if f.read(4) != GGUF_MAGIC:

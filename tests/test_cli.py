@@ -142,7 +142,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
     config.write_text("methd: lora\n")
     cases = [
         (["--model", tmp_path / "nowhere"], "no such file or directory, and not an alias"),
-        (["--model", tmp_path / "empty"], "holds no config.json and *.safetensors weights"),
+        (["--model", tmp_path / "empty"], "holds no config.json: it is not a transformers model directory"),
         (["--model", not_gguf], "is not a GGUF file"),
         (["--data", tmp_path / "missing.json"], "no such file"),
         (["--data", bad_json], "is not a json or jsonl file"),

@@ -72,7 +72,7 @@ def test_plan_fetches_only_the_config(hub_cache):
     ("tiny-org/absent", None, "tiny-org/absent is not (completely) in the hub cache"),
     (REPO, "v2", "tiny-org/tiny-llama@v2 is not (completely) in the hub cache"),
     ("smollm2-135m", "v1", "--revision applies to hub models"),
-    ("not a/hub id", None, "neither an alias (smollm2-135m"),
+    ("not a/hub id", None, "not an alias (smollm2-135m"),
 ])
 def test_hub_problems_are_one_line(spec, revision, message, hub_cache):
     with pytest.raises(QSVDError) as error:

@@ -3,11 +3,14 @@
 __version__ = "0.1.0"
 
 import logging  # noqa: E402
+import warnings  # noqa: E402
 
-# bitsandbytes warns on import, on every CPU without its optional `kernels` package, that it could not
-# load that package's 4-bit CPU kernel; it falls back to its own, and nothing is for the user to do.
+# Notices of bitsandbytes on a CPU that nobody can act on, kept out of qsvd's output: on import, that
+# its optional `kernels` package is missing (it falls back to its own 4-bit kernel); on the first
+# step, that paged optimizers page nothing on a CPU (they fall back to the same optimizer, unpaged).
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 logging.getLogger(BNB_CPU_LOGGER).setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
 
 from .config import FinetuneConfig  # noqa: E402
 from .errors import QSVDError  # noqa: E402

@@ -149,7 +149,8 @@ def _gguf_files(gguf: Path) -> ModelFiles:
         try:
             atomic_dir(config_dir, write)
         except Exception as error:  # the gguf reader and transformers' converters raise many types
-            raise QSVDError(f"{gguf} cannot be read as a GGUF model by transformers: {first_line(error)}") from None
+            raise QSVDError(f"{gguf} cannot be read as a GGUF model by transformers: {first_line(error)}; is the file "
+                            f"complete, and of an architecture that transformers reads from GGUF?") from None
     return ModelFiles(config_dir, (gguf,), gguf=True)
 
 

@@ -145,7 +145,22 @@ def test_export_refuses_a_base_model_broken_after_training(broken, tmp_path):
             assert not (tmp_path / "out").exists()
 
 
+def gguf_of_another_architecture(path: Path) -> None:
+    """A well-formed GGUF of an encoder (BERT), which transformers does not read from GGUF."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "bert")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 GGUF_DAMAGE = {
+    "another architecture": gguf_of_another_architecture,
     "magic only": lambda path: path.write_bytes(b"GGUF"),
     "header of another version": lambda path: path.write_bytes(b"GGUF" + (99).to_bytes(4, "little") + bytes(64)),
     "truncated": lambda path: truncate(path, 0.3),
@@ -159,6 +174,8 @@ def test_a_broken_gguf_is_one_line(how, tmp_path, isolated_cache):
     gguf = tmp_path / "model.gguf"
     shutil.copyfile(embedded_gguf(), gguf)
     GGUF_DAMAGE[how](gguf)
-    assert_one_error_line(run("finetune", "--model", gguf, "--output", tmp_path / "run"), f"{gguf}")
+    message = f"{gguf} cannot be read as a GGUF model by transformers"
+    assert_one_error_line(run("finetune", "--model", gguf, "--output", tmp_path / "run"), message)
+    assert_one_error_line(run("plan", "--model", gguf), message)
     assert not (tmp_path / "run").exists() and not list(isolated_cache.rglob("*.json"))
 

@@ -108,4 +108,14 @@ def test_finetune_a_hub_id_offline_from_the_command_line(hub_cache, tmp_path):
     assert run.returncode == 0, run.stderr
     record = json.loads((tmp_path / "run" / "qsvd_config.json").read_text())
     assert record["config"]["model"] == REPO
-    assert "kernels-community" not in run.stderr + run.stdout  # bitsandbytes' CPU notice is kept out
+    for notice in ("kernels-community", "Paged optimizers"):  # bitsandbytes' CPU notices are kept out
+        assert notice not in run.stderr + run.stdout
+
+    # export's base and eval's plain model come from the same cache
+    peft = qsvd.export(tmp_path / "run", tmp_path / "peft")
+    assert json.loads((peft / "adapter_config.json").read_text())["base_model_name_or_path"] == REPO
+    assert f"AutoModelForCausalLM.from_pretrained('{REPO}')" in (peft / "README.md").read_text()
+    data = tmp_path / "dev.jsonl"
+    data.write_text('{"text": "Ava has 3 apples and Bob has 12."}\n')
+    result = qsvd.evaluate(REPO, data, task="ppl", predictions=tmp_path / "p.jsonl")
+    assert result.summary()["perplexity"] > 1

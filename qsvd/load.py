@@ -41,6 +41,9 @@ HUB_ALIASES = {
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
 }
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "merges.txt", "vocab.txt", "*.tiktoken", "*.jinja"]
+HUB_SKIPPED = ["consolidated*"]  # Mistral's own format, beside the HF shards in some repos
 GGUF_MAGIC = b"GGUF"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
@@ -154,11 +157,6 @@ def _gguf_files(gguf: Path) -> ModelFiles:
     return ModelFiles(config_dir, (gguf,), gguf=True)
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "merges.txt", "vocab.txt", "*.tiktoken", "*.jinja"]
-HUB_SKIPPED = ["consolidated*"]  # Mistral's own format, beside the HF shards in some repos
-
-
 @contextmanager
 def hub_errors(repo_id: str, revision: str | None):
     """huggingface_hub's failures as one line that says what to do."""
@@ -241,12 +239,19 @@ def _directory_files(path: Path, spec: str) -> ModelFiles:
     return ModelFiles(path, shards)
 
 
+def hub_repo(spec: str, revision: str | None = None) -> str | None:
+    """The hub repo id that --model names (an alias, or ORG/NAME that is no local path), else None."""
+    repo_id = HUB_ALIASES.get(spec) or (spec if HUB_ID.fullmatch(spec) and not Path(spec).expanduser().exists()
+                                        else None)
+    if revision is not None and repo_id is None:
+        raise QSVDError(f"--revision applies to hub models; --model {spec} is not one")
+    return repo_id
+
+
 def resolve_model(spec: str, revision: str | None = None) -> ModelFiles:
     """The files of an alias, a local HF directory or GGUF file, or a hub id ORG/NAME (downloaded)."""
     path = Path(spec).expanduser()
-    repo_id = HUB_ALIASES.get(spec) or (spec if HUB_ID.fullmatch(spec) and not path.exists() else None)
-    if revision is not None and repo_id is None:
-        raise QSVDError(f"--revision applies to hub models; --model {spec} is not one")
+    repo_id = hub_repo(spec, revision)
     if spec == EMBEDDED_ALIAS:
         return _gguf_files(embedded_gguf())
     if repo_id is not None:
@@ -302,16 +307,18 @@ def read_tokenizer(config_dir: Path, trust_remote_code: bool = False) -> PreTrai
 def load_tokenizer(files: ModelFiles, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The model's tokenizer, with a pad token (eos where the model has none), checked to fit the
     model's vocabulary."""
+    vocab_size = read_config(files.config_dir, trust_remote_code).get_text_config().vocab_size  # told first
     tokenizer = read_tokenizer(files.config_dir, trust_remote_code)
-    vocab_size = read_config(files.config_dir, trust_remote_code).get_text_config().vocab_size
-    if len(tokenizer) > vocab_size:
-        raise QSVDError(f"the tokenizer in {files.config_dir} has {len(tokenizer):,} tokens, but the model's "
-                        f"vocabulary (vocab_size in config.json) only {vocab_size:,}: they are of different models")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token is None:
         raise QSVDError(f"the tokenizer in {files.config_dir} has neither a pad nor an eos token; "
                         f"qsvd needs one to end answers and pad batches")
+    used = [tokenizer.vocab_size - 1, tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id]
+    largest = max(token for token in used if token is not None)
+    if largest >= vocab_size:  # an added token the text never produces may lie beyond; these are produced
+        raise QSVDError(f"the tokenizer in {files.config_dir} uses token ids up to {largest:,}, but the model's "
+                        f"vocabulary (vocab_size in config.json) has {vocab_size:,}: they are of different models")
     return tokenizer
 
 
@@ -389,8 +396,9 @@ class SafetensorsWeights:
         return self._read_stored(self.source_of[name])
 
     def file_of(self, name: str) -> Path:
-        source = self.converted[name][1] if name in self.converted else {None: [self.source_of[name]]}
-        return self.shard_of[next(iter(source.values()))[0]]
+        """The shard holding `name` (for a converted tensor, its first part)."""
+        key = next(iter(self.converted[name][1].values()))[0] if name in self.converted else self.source_of[name]
+        return self.shard_of[key]
 
     def _read_stored(self, key: str) -> torch.Tensor:
         with _open_shard(self.shard_of[key]) as f:

@@ -28,7 +28,7 @@ from transformers import AutoConfig
 from .config import check_positive
 from .console import console
 from .errors import QSVDError
-from .load import EMBEDDED_ALIAS, HUB_ALIASES, HUB_ID, download_config, model_from_config, read_config, resolve_model
+from .load import EMBEDDED_ALIAS, HUB_ALIASES, download_config, hub_repo, model_from_config, read_config, resolve_model
 from .memory import status_mb
 from .methods import METHODS
 from .prepared import SHARD_BYTES
@@ -76,11 +76,9 @@ def model_config(model: str, revision: str | None = None):
     if model in ALIAS_CONFIGS and revision is None:
         shape = dict(ALIAS_CONFIGS[model])
         return AutoConfig.for_model(shape.pop("model_type"), **shape)
-    repo_id = HUB_ALIASES.get(model, model)
-    if HUB_ID.fullmatch(repo_id) and not Path(model).exists():
+    repo_id = hub_repo(model, revision)
+    if repo_id is not None:
         return read_config(download_config(repo_id, revision))
-    if revision is not None:
-        raise QSVDError(f"--revision applies to hub models; --model {model} is not one")
     if (Path(model) / "config.json").is_file():
         return read_config(Path(model))
     return read_config(resolve_model(model).config_dir)

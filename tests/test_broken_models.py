@@ -68,7 +68,7 @@ DAMAGE = {  # how: (damage, what the error line says)
     "code of its own": (lambda p: rewrite_config(p, model_type="custom", auto_map={"AutoConfig": "custom.Config"}),
                         "if you trust the repository's code, pass --trust-remote-code"),
     "weights a broken link": (lambda p: dangling_link(p / "model.safetensors"), "(a broken link?)"),
-    "tokenizer of another model": (shrink_vocabulary, "has 104 tokens, but the model's vocabulary"),
+    "tokenizer of another model": (shrink_vocabulary, "uses token ids up to 103, but the model's vocabulary"),
     "weights truncated": (lambda p: truncate(p / "model.safetensors", 0.5), "model.safetensors is not a readable"),
     "weights empty": (lambda p: (p / "model.safetensors").write_bytes(b""), "model.safetensors is not a readable"),
     "weights garbage": (lambda p: (p / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{nonsense"),

@@ -212,6 +212,12 @@ def download_config(repo_id: str, revision: str | None = None) -> Path:
 def _directory_files(path: Path, spec: str) -> ModelFiles:
     """An HF model directory: config.json and the safetensors shards its index names (else all)."""
     if not (path / "config.json").is_file():
+        if (path / "adapter_config.json").is_file():
+            raise QSVDError(f"--model {spec} is a PEFT adapter, not a model: pass the base model it applies to "
+                            f"(base_model_name_or_path in its adapter_config.json)")
+        if (path / "qsvd_config.json").is_file():
+            raise QSVDError(f"--model {spec} is a qsvd run, not a model: `qsvd eval` scores it, and "
+                            f"`qsvd export --format merged` makes a model of it")
         raise QSVDError(f"--model {spec} holds no config.json: it is not a transformers model directory")
     index = path / SAFETENSORS_INDEX
     if index.is_file():
@@ -263,7 +269,8 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelFiles:
     if path.is_file():
         with path.open("rb") as f:
             if f.read(4) != GGUF_MAGIC:
-                raise QSVDError(f"--model {spec} is not a GGUF file (it does not start with 'GGUF')")
+                hint = "; pass the directory that holds it and config.json" if path.suffix == ".safetensors" else ""
+                raise QSVDError(f"--model {spec} is not a GGUF file (it does not start with 'GGUF'){hint}")
         return _gguf_files(path)
     return _directory_files(path, spec)
 

@@ -136,6 +136,13 @@ def test_eval_and_plan_refuse_a_broken_model(how, broken, tmp_path):
 
 def test_export_refuses_a_base_model_broken_after_training(broken, tmp_path):
     qsvd.finetune(model=str(broken), method="lora", rank=4, max_steps=1, seq_len=400, output=str(tmp_path / "run"))
+    qsvd.export(tmp_path / "run", tmp_path / "adapter")
+    for model, message in [(tmp_path / "run", "is a qsvd run, not a model: `qsvd eval` scores it"),
+                           (tmp_path / "adapter", "is a PEFT adapter, not a model: pass the base model"),
+                           (broken / "model.safetensors", "is not a GGUF file (it does not start with 'GGUF'); pass the "
+                                                          "directory that holds it and config.json")]:
+        assert_one_error_line(run("finetune", "--model", model, "--output", tmp_path / "again"), message)
+        assert_one_error_line(run("plan", "--model", model), message)
     for how, formats, message in [("tokenizer corrupt", ["merged"], "the tokenizer in"),  # an adapter has none
                                   ("weights truncated", ["peft", "merged"], f"the model {broken} is not the one")]:
         DAMAGE[how][0](broken)

@@ -27,7 +27,7 @@ MANIFEST = "manifest.json"
 KEEP = 2  # sealed checkpoints kept: the newest and the one before it
 CHECKPOINTS = "checkpoints"  # in the work dir
 RUN_CONFIG = "config.json"  # in the work dir: the resolved config, which a resume must match
-RESUME_MAY_CHANGE = ("resume", "overwrite", "eval_data", "eval_task")
+RESUME_MAY_CHANGE = ("resume", "overwrite", "eval_data", "eval_task", "eval_split", "report_to")
 
 
 def seal(checkpoint: Path) -> None:
@@ -111,6 +111,7 @@ def resume_point(config: FinetuneConfig, output: Path) -> Path | None:
         saved, current = json.loads((work / RUN_CONFIG).read_text()), config.resolved()
     except ValueError:
         raise QSVDError(f"--resume: {work / RUN_CONFIG} is corrupt; start over with --overwrite") from None
+    saved = FinetuneConfig().to_dict() | saved  # an option added since the run started has its default
     changed = [key for key in current if key not in RESUME_MAY_CHANGE and saved.get(key) != current[key]]
     if changed:
         differences = ", ".join(f"{key} {saved.get(key)!r} (now {current[key]!r})" for key in changed)

@@ -57,19 +57,30 @@ def split_options(command):
 
 @cli.command()
 @split_options
-@click.option("--data", help="json/jsonl file: instruction/input/output, question/answer or messages (default: built-in arithmetic problems).")
+@click.option("--data", help="A json, jsonl, csv or parquet file, a save_to_disk directory or a hub dataset id; rows of "
+                             "instruction/output, question/answer, messages, conversations or text (default: built-in "
+                             "arithmetic problems).")
+@click.option("--data-config", help="A hub dataset's configuration.")
+@click.option("--data-split", help="A hub dataset's (or saved DatasetDict's) split (default train).")
+@click.option("--prompt-field", help="The rows' prompt field, for a layout of their own (with --response-field).")
+@click.option("--response-field", help="The rows' response field, for a layout of their own (with --prompt-field).")
+@click.option("--max-rows", type=int, help="Train on the first N rows only.")
+@click.option("--truncate", is_flag=True, default=None, help="Cut the response of a row longer than --seq-len instead of skipping the row.")
 @click.option("--max-steps", type=int, help="Optimizer steps (instead of --epochs).")
 @click.option("--epochs", type=float, help="Epochs over the data (default 1).")
 @click.option("--lr", type=float, help="Learning rate (default: the method's own).")
 @click.option("--batch-size", type=int, help="Rows per device batch (default 4).")
 @click.option("--grad-accum", type=int, help="Gradient accumulation steps (default 1).")
-@click.option("--seq-len", type=int, help="Longest row in tokens; longer rows are skipped (default 256).")
+@click.option("--seq-len", type=int, help="Longest row in tokens; longer rows are skipped and counted, or cut with --truncate (default 256).")
 @click.option("--task-type", type=click.Choice(["math", "commonsense"]), help="lorasb: sets the default --grad-samples, 50 or 170 as in the paper (default math).")
 @click.option("--grad-samples", type=int, help="lorasb: training rows for the gradient estimate (default: by --task-type).")
 @click.option("--grad-mem-budget", help="lorasb: memory for the gradients of one group of layers, e.g. 2GB; the estimate runs once per group (default: half the free memory).")
 @click.option("--grad-sketch", is_flag=True, default=None, help="lorasb: one pass over all layers with a rank-(2r+1) sketch of each gradient instead of groups (approximate, little memory).")
 @click.option("--eval-data", multiple=True, help="Evaluate the trained model on this file at the end (repeatable); see `qsvd eval`.")
 @click.option("--eval-task", type=click.Choice(TASKS), help="Task for --eval-data (default: chosen by the data, as `qsvd eval` does).")
+@click.option("--eval-split", help="The split of a hub dataset (or saved DatasetDict) in --eval-data (default test).")
+@click.option("--report-to", help="Log to tensorboard, wandb, trackio or mlflow (comma-separated), through Trainer's "
+                                  "own integrations; tensorboard logs go to the run's logs/ (default none).")
 @click.option("--save-steps", type=int, help="Save a checkpoint every N steps, beside --output until the run finishes (default 50).")
 @click.option("--resume", is_flag=True, default=None, help="Continue the interrupted run in --output from its newest complete checkpoint.")
 @click.option("--output", help="Run directory (default runs/<method>).")
@@ -104,7 +115,7 @@ def init(ctx: click.Context, config_file, **flags) -> None:
 
 @cli.command("eval")
 @click.argument("target", metavar="RUN_DIR_OR_MODEL")
-@click.option("--data", required=True, help="json/jsonl rows (as for finetune), or plain text for ppl: a 'text' field or a .txt file.")
+@click.option("--data", required=True, help="Rows in any form finetune's --data takes, or plain text for ppl: a 'text' field or a .txt file.")
 @click.option("--task", type=click.Choice(TASKS), help="gen: greedy generation, answer extracted; choice: the most likely answer option; ppl: perplexity (default: chosen by the data).")
 @click.option("--bits", type=int, help="A plain model's storage: 4, 8 or 16 (default 16); a run keeps its own.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per batch.")
@@ -112,6 +123,8 @@ def init(ctx: click.Context, config_file, **flags) -> None:
 @click.option("--seq-len", type=int, default=512, show_default=True, help="ppl: tokens per window.")
 @click.option("--max-examples", type=int, help="Score only the first N rows.")
 @click.option("--revision", help=REVISION_HELP + " For a plain model.")
+@click.option("--data-config", help="A hub dataset's configuration.")
+@click.option("--data-split", default="test", show_default=True, help="A hub dataset's (or saved DatasetDict's) split.")
 @click.option("--predictions", help="JSONL of per-example predictions (default: eval-<data>-<task>.jsonl in the run dir, or here).")
 @click.pass_context
 def eval_(ctx: click.Context, target, **options) -> None:

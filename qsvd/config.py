@@ -13,6 +13,9 @@ from .methods.lorasb import GRAD_SAMPLES
 from .split import make_spec
 
 
+LOGGERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}  # → package
+
+
 @dataclass
 class FinetuneConfig:
     model: str = "smollm2-135m"
@@ -30,9 +33,17 @@ class FinetuneConfig:
     grad_samples: int | None = None  # lorasb: rows for the gradient estimate (default: 50 math, 170 commonsense)
     grad_mem_budget: str | None = None  # lorasb: e.g. "2GB" of gradients at a time (default: half the free memory)
     grad_sketch: bool = False  # lorasb: one pass with a rank-(2r+1) sketch of each gradient instead
-    data: str | None = None  # default: built-in arithmetic word problems
-    eval_data: list[str] | None = None  # files to evaluate on after training
+    data: str | None = None  # a file, a save_to_disk directory or a hub id; default: built-in arithmetic problems
+    data_config: str | None = None  # a hub dataset's configuration
+    data_split: str = "train"  # a hub dataset's (or saved DatasetDict's) split
+    prompt_field: str | None = None  # with response_field: the rows' own layout
+    response_field: str | None = None
+    max_rows: int | None = None  # train on the first rows only
+    truncate: bool = False  # cut a long row's response to --seq-len instead of skipping the row
+    eval_data: list[str] | None = None  # data to evaluate on after training
     eval_task: str | None = None  # gen, choice or ppl; default: chosen by each file's rows
+    eval_split: str = "test"  # the split of a hub dataset in eval_data
+    report_to: str = "none"  # comma-separated: tensorboard, wandb, trackio, mlflow (Trainer's integrations)
     max_steps: int | None = None
     epochs: float | None = None  # default: 1 when max_steps is not set
     lr: float | None = None  # default: the method's own
@@ -85,10 +96,13 @@ class FinetuneConfig:
         self.spec()  # checks method, bits, rank, alpha, dropout, core_init, refine_iters, svd_niter
         positive = {"lr": self.lr, "batch-size": self.batch_size, "grad-accum": self.grad_accum,
                     "seq-len": self.seq_len, "max-steps": self.max_steps, "epochs": self.epochs,
-                    "grad-samples": self.grad_samples, "save-steps": self.save_steps}
+                    "grad-samples": self.grad_samples, "save-steps": self.save_steps, "max-rows": self.max_rows}
         check_positive(positive)
         if self.max_steps is not None and self.epochs is not None:
             raise QSVDError("give --max-steps or --epochs, not both")
+        self.loggers  # checks --report-to
+        if (self.prompt_field is None) != (self.response_field is None):
+            raise QSVDError("give --prompt-field and --response-field together")
         if self.task_type not in GRAD_SAMPLES:
             raise QSVDError(f"--task-type must be one of {', '.join(GRAD_SAMPLES)}, got {self.task_type!r}")
         self.grad_budget_bytes  # parses --grad-mem-budget
@@ -96,6 +110,19 @@ class FinetuneConfig:
     def spec(self) -> AdapterSpec:
         return make_spec(self.method, self.rank, self.alpha, self.bits, dropout=self.dropout,
                          core_init=self.core_init, refine_iters=self.refine_iters, svd_niter=self.svd_niter)
+
+    @property
+    def loggers(self) -> list[str]:
+        """--report-to as a list, each checked to be known and installed."""
+        from transformers import integrations
+
+        names = [name.strip() for name in str(self.report_to).split(",") if name.strip() not in ("", "none")]
+        for name in names:
+            if name not in LOGGERS:
+                raise QSVDError(f"--report-to {name!r} is not one of: none, {', '.join(LOGGERS)}")
+            if not getattr(integrations, f"is_{name}_available")():
+                raise QSVDError(f"--report-to {name} needs its package: pip install {LOGGERS[name]}")
+        return names
 
     @property
     def gradient_samples(self) -> int:

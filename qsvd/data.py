@@ -1,12 +1,21 @@
-"""Training data: local json/jsonl in three shapes, or a small arithmetic set qsvd makes itself.
+"""Training data: rows read with `datasets` from a local file (json, jsonl, csv, parquet), a
+directory written by `save_to_disk` or a hub dataset id, or a small arithmetic set qsvd makes itself.
 
-Every row becomes a (prompt, completion) pair; only the completion's tokens carry loss.
+Every row is one of these shapes; all but `text` become chat messages whose last (assistant) turn
+is the completion, and only the completion's tokens carry loss:
 - alpaca: instruction (+ input) → output;
-- question/answer (GSM8K);
-- chat: messages, the last assistant turn being the completion.
+- qa: question → answer (GSM8K);
+- chat: OpenAI `messages` ({role, content});
+- sharegpt: `conversations` ({from, value}, from human/gpt/system);
+- fields: --prompt-field → --response-field, for any other layout;
+- text: plain `text`, every token of which carries loss.
+A row that is malformed stops the run with its row number; a row with an empty response, or
+longer than --seq-len (unless --truncate cuts its response), is skipped and counted.
 """
 
 import random
+import re
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,7 +26,14 @@ from .errors import QSVDError
 
 IGNORE_INDEX = -100
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
-FORMATS = {"alpaca": ("instruction", "output"), "qa": ("question", "answer"), "chat": ("messages",)}
+SHAPES = {"alpaca": ("instruction", "output"), "qa": ("question", "answer"), "chat": ("messages",),
+          "sharegpt": ("conversations",), "text": ("text",)}
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+HUB_DATASET = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w-]*(\.[\w-]+)*")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "bing": "assistant", "chatgpt": "assistant"}
+SKIPPED_EMPTY = "an empty response"
+SKIPPED_LONG = "longer than --seq-len"
 
 
 def synthetic_arithmetic(rows: int = 128, seed: int = 0) -> datasets.Dataset:
@@ -41,33 +57,135 @@ def synthetic_arithmetic(rows: int = 128, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_list(examples)
 
 
-def read_rows(path: str | Path, flag: str = "--data") -> datasets.Dataset:
-    """A local json or jsonl file as a Dataset, with a clear error for a missing or bad file."""
-    path = Path(path)
-    if not path.is_file():
-        raise QSVDError(f"{flag} {path}: no such file")
+def read_rows(data: str | Path, flag: str = "--data", config: str | None = None,
+              split: str | None = None) -> datasets.Dataset:
+    """The rows of a local file, a `save_to_disk` directory or a hub dataset (`config`, `split`),
+    read with `datasets`, or one line that says why they cannot be."""
+    from .load import first_line
+
+    path = Path(data).expanduser()
+    if path.is_dir():
+        return saved_rows(path, flag, split)
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise QSVDError(f"{flag} {path}: qsvd reads json, jsonl, csv and parquet files (by their "
+                            f"extension), or a directory written by datasets' save_to_disk")
+        kind = "json or jsonl" if builder == "json" else builder
+        if path.stat().st_size == 0:
+            raise QSVDError(f"{flag} {path} is empty")
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as error:  # datasets wraps the readers' errors in several types
+            if isinstance(error, datasets.exceptions.DatasetGenerationError):  # the reader's own error says where
+                error = error.__cause__ or error.__context__ or error
+            raise QSVDError(f"{flag} {path} is not a {kind} file of records: {first_line(error)}") from None
+    if path.suffix.lower() in FILE_BUILDERS or not HUB_DATASET.fullmatch(str(data)):
+        raise QSVDError(f"{flag} {data}: no such file")
+    return hub_rows(str(data), flag, config, split or "train")
+
+
+def saved_rows(path: Path, flag: str, split: str | None) -> datasets.Dataset:
+    """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    from .load import first_line
+
     try:
-        return datasets.load_dataset("json", data_files=str(path), split="train")
-    except Exception as error:  # datasets wraps json errors in several types
-        raise QSVDError(f"{flag} {path} is not a json or jsonl file of records ({type(error).__name__})") from error
+        saved = datasets.load_from_disk(str(path))
+    except Exception as error:
+        raise QSVDError(f"{flag} {path} is not a directory written by datasets' save_to_disk: "
+                        f"{first_line(error)}") from None
+    if isinstance(saved, datasets.Dataset):
+        return saved
+    split = split or "train"
+    if split not in saved:
+        raise QSVDError(f"{flag} {path} has no split {split!r}; its splits: {', '.join(saved)} (--data-split)")
+    return saved[split]
 
 
-def detect_format(columns: list[str], source: str) -> str:
-    for name, needed in FORMATS.items():
+def hub_rows(name: str, flag: str, config: str | None, split: str) -> datasets.Dataset:
+    """A hub dataset, through the datasets cache (offline with HF_HUB_OFFLINE=1, once cached)."""
+    from .load import first_line
+
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except datasets.exceptions.DatasetNotFoundError:
+        raise QSVDError(f"{flag} {name}: no such file, nor a dataset on the hub that qsvd may read (check the "
+                        f"name; a gated one needs its terms accepted and `hf auth login`)") from None
+    except ConnectionError:
+        raise QSVDError(f"{flag} {name} is not in the datasets cache and the hub cannot be reached; load it "
+                        f"once online, or pass a local file") from None
+    except Exception as error:  # an unknown config or split, which datasets names with the ones there are
+        raise QSVDError(f"{flag} {name}: {first_line(error)} (--data-config, --data-split)") from None
+
+
+class Shape(NamedTuple):
+    name: str  # a key of SHAPES, or "fields"
+    prompt_field: str | None = None
+    response_field: str | None = None
+
+
+def detect_shape(columns: list[str], source: str, prompt_field: str | None = None,
+                 response_field: str | None = None) -> Shape:
+    """The shape of rows with these columns, or the explicit --prompt-field/--response-field."""
+    if prompt_field or response_field:
+        missing = [f"--{flag}-field {field}" for flag, field in (("prompt", prompt_field), ("response", response_field))
+                   if field not in columns]
+        if missing:
+            raise QSVDError(f"{source} has no {missing[0].split()[-1]} field ({missing[0]}); its fields are: "
+                            f"{', '.join(columns) or 'none'}")
+        return Shape("fields", prompt_field, response_field)
+    for name, needed in SHAPES.items():
         if all(column in columns for column in needed):
-            return name
-    raise QSVDError(f"{source} has none of the known field sets (instruction/output, question/answer, "
-                    f"messages); its fields are: {', '.join(columns) or 'none'}")
+            return Shape(name)
+    raise QSVDError(f"{source} has none of the known field sets (instruction/output, question/answer, messages, "
+                    f"conversations, text); its fields are: {', '.join(columns) or 'none'}; name yours with "
+                    f"--prompt-field and --response-field")
 
 
-def to_chat(row: dict, fmt: str) -> list[dict]:
-    """The row as chat messages, ending with the assistant's answer."""
-    if fmt == "chat":
-        return row["messages"]
-    if fmt == "alpaca":
-        prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
-    return [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+def text_of(value, what: str) -> str:
+    """A field's text: a string, a number, or None (empty); anything else is malformed."""
+    if value is None:
+        return ""
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError(f"{what} is a {type(value).__name__}, not text")
+
+
+def turns(value, role_key: str, text_key: str, roles: dict[str, str] | None, what: str) -> list[dict]:
+    """A list of chat turns as {role, content}, checked."""
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{what} is not a non-empty list of turns")
+    messages = []
+    for number, turn in enumerate(value, 1):
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise ValueError(f"turn {number} of {what} has no {role_key!r} and {text_key!r}")
+        role = str(turn[role_key])
+        if roles is not None:
+            if role not in roles:
+                raise ValueError(f"turn {number} of {what} is from {role!r}; known: {', '.join(roles)}")
+            role = roles[role]
+        messages.append({"role": role, "content": text_of(turn[text_key], f"turn {number}'s {text_key}")})
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"the last turn of {what} is the {messages[-1]['role']}'s, not the assistant's answer")
+    return messages
+
+
+def to_chat(row: dict, shape: Shape) -> list[dict]:
+    """The row as chat messages, ending with the assistant's answer; ValueError if malformed."""
+    if shape.name == "chat":
+        return turns(row["messages"], "role", "content", None, "messages")
+    if shape.name == "sharegpt":
+        return turns(row["conversations"], "from", "value", SHAREGPT_ROLES, "conversations")
+    if shape.name == "alpaca":
+        context = text_of(row.get("input"), "input")
+        prompt = text_of(row["instruction"], "instruction") + (f"\n\n{context}" if context else "")
+        answer = text_of(row["output"], "output")
+    elif shape.name == "qa":
+        prompt, answer = text_of(row["question"], "question"), text_of(row["answer"], "answer")
+    else:
+        prompt = text_of(row[shape.prompt_field], shape.prompt_field)
+        answer = text_of(row[shape.response_field], shape.response_field)
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
 def prompt_and_completion(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
@@ -95,37 +213,85 @@ def tokenize(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> dict[s
             "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids}
 
 
+def tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase) -> dict[str, list[int]]:
+    """Plain text and an eos, every token of it with loss."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
 class TrainingRows(NamedTuple):
     rows: datasets.Dataset
-    fmt: str  # a key of FORMATS
+    shape: Shape
     source: str  # for messages: "--data FILE" or "the built-in dataset"
 
 
-def training_rows(data: str | None, seed: int = 0) -> TrainingRows:
-    """The rows of `data` or the built-in set, and their format: a bad file fails here, before
-    any model is loaded."""
-    rows = read_rows(data) if data else synthetic_arithmetic(seed=seed)
+def training_rows(data: str | None, seed: int = 0, config: str | None = None, split: str | None = None,
+                  prompt_field: str | None = None, response_field: str | None = None,
+                  max_rows: int | None = None) -> TrainingRows:
+    """The rows of `data` (the first `max_rows`) or the built-in set, and their shape: a bad
+    source fails here, before any model is loaded."""
+    rows = read_rows(data, "--data", config, split) if data else synthetic_arithmetic(seed=seed)
+    if max_rows is not None:
+        rows = rows.select(range(min(max_rows, len(rows))))
     source = f"--data {data}" if data else "the built-in dataset"
-    return TrainingRows(rows, detect_format(rows.column_names, source), source)
+    if len(rows) == 0:
+        raise QSVDError(f"{source} has no rows")
+    return TrainingRows(rows, detect_shape(rows.column_names, source, prompt_field, response_field), source)
 
 
-def tokenize_rows(training: TrainingRows, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> datasets.Dataset:
-    """Tokenized training rows of at most `seq_len` tokens."""
-    rows = training.rows
-    tokenized = rows.map(lambda row: tokenize(to_chat(row, training.fmt), tokenizer),
-                         remove_columns=rows.column_names, desc="tokenize")
-    kept = tokenized.filter(lambda row: len(row["input_ids"]) <= seq_len, desc="filter by --seq-len")
+class Tokenized(NamedTuple):
+    rows: datasets.Dataset  # input_ids and labels of the rows kept
+    read: int
+    skipped: dict[str, int]  # why → how many
+
+    def line(self) -> str:
+        why = "; ".join(f"{count} with {reason}" if reason == SKIPPED_EMPTY else f"{count} {reason}"
+                        for reason, count in self.skipped.items())
+        return f"{len(self.rows)} of {self.read} rows kept" + (f", {sum(self.skipped.values())} skipped ({why})"
+                                                             if self.skipped else "")
+
+
+def tokenize_rows(training: TrainingRows, tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                  truncate: bool = False) -> Tokenized:
+    """Tokenized rows of at most `seq_len` tokens; a longer row is skipped, or with `truncate` its
+    response is cut to fit (a prompt that fills `seq_len` alone is still skipped)."""
+    shape, source = training.shape, training.source
+
+    def tokenize_row(row: dict, index: int) -> dict:
+        try:
+            if shape.name == "text":
+                text = text_of(row["text"], "text")
+                ids = tokenize_text(text, tokenizer) if text else None
+            else:
+                messages = to_chat(row, shape)
+                ids = tokenize(messages, tokenizer) if messages[-1]["content"] else None
+        except ValueError as error:
+            raise QSVDError(f"{source} row {index + 1}: {error}; fix or remove the row") from None
+        if ids is None:
+            return {"input_ids": [], "labels": [], "skipped": SKIPPED_EMPTY}
+        if len(ids["input_ids"]) > seq_len:
+            if not truncate or ids["labels"][seq_len - 1] == IGNORE_INDEX:
+                return {**ids, "skipped": f"{SKIPPED_LONG} {seq_len}"}
+            ids = {key: value[:seq_len] for key, value in ids.items()}
+        return {**ids, "skipped": ""}
+
+    tokenized = training.rows.map(tokenize_row, with_indices=True, remove_columns=training.rows.column_names,
+                                  desc="tokenize")
+    skipped = dict(Counter(reason for reason in tokenized["skipped"] if reason))
+    kept = tokenized.filter(lambda row: not row["skipped"], desc="skip").remove_columns("skipped")
     if len(kept) == 0:
-        shortest = min((len(ids) for ids in tokenized["input_ids"]), default=0)
-        raise QSVDError(f"no row of {training.source} fits in --seq-len {seq_len} (the shortest has "
-                        f"{shortest} tokens); raise --seq-len")
-    return kept
+        if f"{SKIPPED_LONG} {seq_len}" not in skipped:
+            raise QSVDError(f"every row of {source} has an empty response: there is nothing to train on")
+        shortest = min(len(ids) for ids in tokenized["input_ids"] if ids)
+        raise QSVDError(f"no row of {source} fits in --seq-len {seq_len} (the shortest has {shortest} tokens); "
+                        f"raise --seq-len, or pass --truncate to cut the responses")
+    return Tokenized(kept, len(training.rows), skipped)
 
 
 def build_dataset(data: str | None, tokenizer: PreTrainedTokenizerBase, seq_len: int,
                   seed: int = 0) -> datasets.Dataset:
     """Tokenized training rows of at most `seq_len` tokens, from `data` or the built-in set."""
-    return tokenize_rows(training_rows(data, seed), tokenizer, seq_len)
+    return tokenize_rows(training_rows(data, seed), tokenizer, seq_len).rows
 
 
 def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:

@@ -26,7 +26,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import check_positive
 from .console import console
-from .data import IGNORE_INDEX, collator, detect_format, prompt_and_completion, read_rows, to_chat, tokenize, tokenize_prompt
+from .data import (IGNORE_INDEX, Shape, collator, detect_shape, prompt_and_completion, read_rows, to_chat, tokenize,
+                   tokenize_prompt)
 from .errors import QSVDError
 from .load import load_tokenizer, resolve_model
 from .loss import row_log_likelihoods
@@ -102,12 +103,12 @@ def row_options(row: dict) -> list[str] | None:
     return [option.strip().lower() for option in match[1].split("/")] if match else None
 
 
-def reference_answer(row: dict, fmt: str) -> str:
+def reference_answer(row: dict, shape: Shape) -> str:
     """The gold answer: the `answer` field of the LLM-Adapters format, or the final number of a
     GSM8K-style solution, or the whole reference text."""
-    if fmt == "alpaca" and row.get("answer"):
+    if shape.name == "alpaca" and row.get("answer"):
         return str(row["answer"]).strip().lower()
-    text = to_chat(row, fmt)[-1]["content"]
+    text = to_chat(row, shape)[-1]["content"]
     return extract_number(text) if "####" in text else text.strip().lower()
 
 
@@ -129,8 +130,14 @@ class Example:
 
 
 def examples_from(rows: datasets.Dataset, source: str) -> list[Example]:
-    fmt = detect_format(rows.column_names, source)
-    return [Example(to_chat(row, fmt), reference_answer(row, fmt), row_options(row)) for row in rows]
+    shape = detect_shape(rows.column_names, source)
+    examples = []
+    for number, row in enumerate(rows, 1):
+        try:
+            examples.append(Example(to_chat(row, shape), reference_answer(row, shape), row_options(row)))
+        except ValueError as error:
+            raise QSVDError(f"{source} row {number}: {error}; fix or remove the row") from None
+    return examples
 
 
 def by_length(items: list, length, batch_size: int) -> list[list[int]]:
@@ -255,12 +262,14 @@ def text_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 # -- running an evaluation -------------------------------------------------------------------
 
-def read_eval_rows(path: str | Path, flag: str = "--data") -> datasets.Dataset:
-    """json/jsonl records, or a .txt file read as one text."""
+def read_eval_rows(path: str | Path, flag: str = "--data", config: str | None = None,
+                   split: str = "test") -> datasets.Dataset:
+    """Records in any form `--data` takes (a hub dataset's or saved DatasetDict's `split`), or a
+    .txt file read as one text."""
     path = Path(path)
     if path.suffix == ".txt" and path.is_file():
         return datasets.Dataset.from_list([{"text": path.read_text()}])
-    return read_rows(path, flag)
+    return read_rows(path, flag, config, split)
 
 
 def pick_task(rows: datasets.Dataset, task: str | None, source: str) -> str:
@@ -275,17 +284,17 @@ def pick_task(rows: datasets.Dataset, task: str | None, source: str) -> str:
     if task == "ppl":
         raise QSVDError(f"--task ppl needs a 'text' field or a .txt file; {source} has fields "
                         f"{', '.join(rows.column_names)}")
-    detect_format(rows.column_names, source)
+    detect_shape(rows.column_names, source)
     if task is None:
         return "choice" if row_options(rows[0]) else "gen"
     return task
 
 
-def eval_sets(paths: list[str], task: str | None) -> list[tuple[Path, datasets.Dataset, str]]:
-    """`finetune --eval-data`: each file's rows and task, checked before training starts."""
+def eval_sets(paths: list[str], task: str | None, split: str = "test") -> list[tuple[Path, datasets.Dataset, str]]:
+    """`finetune --eval-data`: each source's rows and task, checked before training starts."""
     sets = []
     for path in paths:
-        rows = read_eval_rows(path, "--eval-data")
+        rows = read_eval_rows(path, "--eval-data", split=split)
         sets.append((Path(path), rows, pick_task(rows, task, f"--eval-data {path}")))
     return sets
 
@@ -333,12 +342,13 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 def evaluate(target: str | Path, data: str | Path, task: str | None = None, predictions: str | Path | None = None,
              bits: int | None = None, batch_size: int = 8, max_new_tokens: int = 256, seq_len: int = 512,
-             max_examples: int | None = None, revision: str | None = None) -> EvalResult:
+             max_examples: int | None = None, revision: str | None = None, data_config: str | None = None,
+             data_split: str = "test") -> EvalResult:
     """Evaluate a run directory, or a plain model (alias, hub id, HF directory or GGUF) stored at `bits`
     (default 16), as `qsvd eval` does. The data and task are checked before any model loads."""
     check_positive({"batch-size": batch_size, "max-new-tokens": max_new_tokens, "seq-len": seq_len,
                     "max-examples": max_examples})
-    rows = read_eval_rows(data)
+    rows = read_eval_rows(data, "--data", data_config, data_split)
     if max_examples is not None:
         rows = rows.select(range(min(max_examples, len(rows))))
     task = pick_task(rows, task, f"--data {data}")

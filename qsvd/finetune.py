@@ -21,7 +21,7 @@ from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
 from .methods import METHODS
 from .methods.lorasb import init_from_gradients
 from .prepared import build_to_disk, lookup, obtain
-from .run import publish, write_run
+from .run import LOGS, publish, write_run
 from .split import adapter_layers, default_device, find_targets
 from .train import CHECKPOINTING, NonFiniteLoss, first_step_lr, train
 
@@ -72,8 +72,9 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     with state.main_process_first():
         resume_from, training, evaluations, files = check_inputs(config)
     tokenizer = load_tokenizer(files, config.trust_remote_code)
-    dataset = tokenize_rows(training, tokenizer, config.seq_len)
-    console.print(f"{len(dataset)} training rows; method {config.method}, {config.bits}-bit frozen base, "
+    tokenized = tokenize_rows(training, tokenizer, config.seq_len, config.truncate)
+    dataset = tokenized.rows
+    console.print(f"{tokenized.line()}; method {config.method}, {config.bits}-bit frozen base, "
                   f"rank {config.rank}, lr {config.learning_rate:g}")
 
     # 2-3. split each target layer as it is read and quantize its frozen part, or reuse that work
@@ -106,6 +107,7 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
         record = {"config": config.resolved(), "processes": state.num_processes, "model_path": str(files.config_dir),
                   "model_fingerprint": files.fingerprint, "prepared_model": str(prepared),
                   "trainable_params": trainable,
+                  "data": {"rows": tokenized.read, "kept": len(dataset), "skipped": tokenized.skipped},
                   "final_loss": outcome.final_loss, "train_seconds": outcome.seconds,
                   "median_step_seconds": statistics.median(outcome.step_seconds or [float("nan")]),
                   "setup_peak_memory_mb": outcome.setup_peak_memory_mb,
@@ -118,6 +120,8 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
                 result = evaluate_model(model, tokenizer, rows, task, stage / predictions, source=f"--eval-data {path}")
             console.print(f"{path.name}: {result.line().rsplit(' | ', 1)[0]}")
             record["eval"][path.stem] = result.summary() | {"predictions": predictions}
+        if (work / LOGS).is_dir():  # --report-to tensorboard's event files, kept with the run
+            (work / LOGS).rename(stage / LOGS)
         write_run(stage, model, record, outcome.log_history)
         publish(stage, output)
         shutil.rmtree(work)
@@ -143,8 +147,11 @@ class Inputs(NamedTuple):
 def check_inputs(config: FinetuneConfig) -> Inputs:
     """What a run checks before any heavy work, cheapest first: --output against --resume and
     --overwrite, the data, the eval files, then the model's files (fetched or converted once)."""
-    return Inputs(resume_point(config, config.output_dir), training_rows(config.data, config.seed),
-                  eval_sets(config.eval_data or [], config.eval_task), model_files(config))
+    resume_from = resume_point(config, config.output_dir)
+    training = training_rows(config.data, config.seed, config.data_config, config.data_split, config.prompt_field,
+                             config.response_field, config.max_rows)
+    return Inputs(resume_from, training, eval_sets(config.eval_data or [], config.eval_task, config.eval_split),
+                  model_files(config))
 
 
 def model_files(config: FinetuneConfig) -> ModelFiles:
@@ -163,7 +170,8 @@ def train_with_advice(model: nn.Module, tokenizer, dataset, config: FinetuneConf
               f"{config.grad_accum * 2} (the same effective batch), a shorter --seq-len, or --bits 4")
     try:
         with out_of_memory_advice("training", advice):
-            return train(model, tokenizer, dataset, config, work / "trainer", work / CHECKPOINTS, resume_from)
+            return train(model, tokenizer, dataset, config, work / "trainer", work / CHECKPOINTS, resume_from,
+                         logs=work / LOGS)
     except NonFiniteLoss as error:
         newest = newest_intact(work / CHECKPOINTS)
         resume = (f"the last good checkpoint is step {step_of(newest)} in {work / CHECKPOINTS}: continue with "

@@ -5,7 +5,9 @@ A run directory holds
 - qsvd_config.json: the resolved config, the layer spec, the targets, the model fingerprint,
   the compute dtype and the adapter file's sha256: all that `load_run` and `qsvd export` need
   to rebuild or convert the model without any SVD;
-- train_log.jsonl: Trainer's log, one entry a line.
+- train_log.jsonl: Trainer's log, one entry a line;
+- loss.png: the training loss against the step (and the --eval-data scores);
+- logs/: with --report-to tensorboard, its event files.
 """
 
 import json
@@ -28,6 +30,8 @@ from .split import adapter_state, restore
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "qsvd_config.json"
 LOG_FILE = "train_log.jsonl"
+PLOT_FILE = "loss.png"
+LOGS = "logs"  # --report-to tensorboard's event files
 RECORD_KEYS = ("spec", "targets", "config", "model_fingerprint", "trainable_params", "final_loss")
 
 
@@ -45,6 +49,29 @@ def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dic
               "compute_dtype": compute_dtype, "adapter_sha256": file_sha256(stage / ADAPTER_FILE), **record}
     (stage / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     (stage / LOG_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in log_history))
+    plot_losses(stage / PLOT_FILE, log_history, record.get("eval", {}))
+
+
+def plot_losses(path: Path, log_history: list[dict], evals: dict[str, dict]) -> None:
+    """The training loss against the step, and each evaluation's score at the last step."""
+    from matplotlib.figure import Figure  # no pyplot: no display or global state needed
+
+    steps = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.subplots()
+    if steps:
+        axes.plot(*zip(*steps), label="training loss")
+    axes.set(xlabel="step", ylabel="loss", title="training loss")
+    if evals:
+        scores = axes.twinx()
+        last = steps[-1][0] if steps else 0
+        for name, result in evals.items():
+            metric = "perplexity" if result["task"] == "ppl" else "accuracy"
+            scores.plot([last], [result[metric]], "o", label=f"{name}: {metric} {result[metric]:.4g}")
+        scores.set_ylabel("eval score")
+        scores.legend(loc="upper right")
+    axes.legend(loc="upper left")
+    figure.savefig(path, dpi=100)
 
 
 def publish(stage: Path, output: Path) -> None:

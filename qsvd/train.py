@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import (PreTrainedModel, PreTrainedTokenizerBase, ProgressCallback, Trainer, TrainerCallback,
                           TrainingArguments)
+from transformers.integrations import TensorBoardCallback
 
 from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
@@ -62,7 +63,7 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
         logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps else "no",
         save_steps=config.save_steps or 500,
-        report_to="none",
+        report_to=[name for name in config.loggers if name != "tensorboard"] or "none",  # see `train`
         seed=config.seed,
         data_seed=config.seed,
         remove_unused_columns=False,
@@ -145,14 +146,19 @@ class SupervisedTokensTrainer(Trainer):
 
 def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,
           config: FinetuneConfig, work_dir: Path, checkpoints: Path | None = None, resume_from: Path | None = None,
-          trainer_class: type[Trainer] = SupervisedTokensTrainer) -> TrainOutcome:
-    """Run Trainer over `dataset`; Trainer shows the progress bar and logs the loss.
+          trainer_class: type[Trainer] = SupervisedTokensTrainer, logs: Path | None = None) -> TrainOutcome:
+    """Run Trainer over `dataset`; Trainer shows the progress bar and logs the loss, also to the
+    --report-to integrations (tensorboard's event files into `logs`, else into `work_dir`).
 
     Checkpoints are staged in `work_dir` and published, sealed, in `checkpoints`.
     """
     args = training_arguments(config, work_dir, compute_dtype(model.device))
     clock = StepClock()
     callbacks = [clock] + ([SealCheckpoints(checkpoints)] if checkpoints is not None else [])
+    if "tensorboard" in config.loggers:  # Trainer's own callback, writing where the run keeps its logs
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(logs or work_dir / "logs")
+        callbacks.append(tensorboard)
     trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator(tokenizer),
                             processing_class=tokenizer, callbacks=callbacks)
     setup_peak = peak_memory_mb(model.device)

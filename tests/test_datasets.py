@@ -191,3 +191,17 @@ def test_a_broken_data_file_is_one_line(name, tmp_path):
     result = CliRunner().invoke(cli, ["finetune", "--data", str(tmp_path / name), "--output", str(tmp_path / "run")])
     assert result.exit_code == 2 and message in result.output.strip().splitlines()[-1], result.output
     assert sorted(os.listdir(tmp_path)) == [name]
+
+
+def test_eval_data_takes_the_same_forms(tiny_model_dir, tmp_path, offline_datasets_cache):
+    import qsvd
+    from qsvd.evaluate import eval_sets
+
+    forms = write_forms(QA, tmp_path)
+    for data, split, examples in [("tiny-org/tiny-qa", "train", len(QA)), (forms["saved splits"], "test", 1),
+                                  (forms["parquet"], "test", len(QA))]:  # a file is one split
+        result = qsvd.evaluate(tiny_model_dir, data, data_split=split, max_new_tokens=2,
+                               predictions=tmp_path / "predictions.jsonl")
+        assert result.summary()["examples"] == examples
+    (path, rows, task), = eval_sets([forms["saved splits"]], None, split="test")
+    assert (len(rows), task) == (1, "gen")

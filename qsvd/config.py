@@ -43,7 +43,7 @@ class FinetuneConfig:
     eval_data: list[str] | None = None  # data to evaluate on after training
     eval_task: str | None = None  # gen, choice or ppl; default: chosen by each file's rows
     eval_split: str = "test"  # the split of a hub dataset in eval_data
-    report_to: str = "none"  # comma-separated: tensorboard, wandb, trackio, mlflow (Trainer's integrations)
+    report_to: str | list[str] = "none"  # tensorboard, wandb, trackio, mlflow, comma-separated (Trainer's integrations)
     max_steps: int | None = None
     epochs: float | None = None  # default: 1 when max_steps is not set
     lr: float | None = None  # default: the method's own
@@ -116,7 +116,8 @@ class FinetuneConfig:
         """--report-to as a list, each checked to be known and installed."""
         from transformers import integrations
 
-        names = [name.strip() for name in str(self.report_to).split(",") if name.strip() not in ("", "none")]
+        given = self.report_to if isinstance(self.report_to, list) else str(self.report_to).split(",")  # YAML: a list
+        names = [str(name).strip() for name in given if str(name).strip() not in ("", "none")]
         for name in names:
             if name not in LOGGERS:
                 raise QSVDError(f"--report-to {name!r} is not one of: none, {', '.join(LOGGERS)}")

@@ -80,7 +80,7 @@ def read_rows(data: str | Path, flag: str = "--data", config: str | None = None,
             if isinstance(error, datasets.exceptions.DatasetGenerationError):  # the reader's own error says where
                 error = error.__cause__ or error.__context__ or error
             raise QSVDError(f"{flag} {path} is not a {kind} file of records: {first_line(error)}") from None
-    if path.suffix.lower() in FILE_BUILDERS or not HUB_DATASET.fullmatch(str(data)):
+    if path.suffix.lower() in (*FILE_BUILDERS, ".txt") or not HUB_DATASET.fullmatch(str(data)):
         raise QSVDError(f"{flag} {data}: no such file")
     return hub_rows(str(data), flag, config, split or "train")
 

@@ -148,8 +148,9 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
     """What a run checks before any heavy work, cheapest first: --output against --resume and
     --overwrite, the data, the eval files, then the model's files (fetched or converted once)."""
     resume_from = resume_point(config, config.output_dir)
-    training = training_rows(config.data, config.seed, config.data_config, config.data_split, config.prompt_field,
-                             config.response_field, config.max_rows)
+    training = training_rows(config.data, config.seed, config=config.data_config, split=config.data_split,
+                             prompt_field=config.prompt_field, response_field=config.response_field,
+                             max_rows=config.max_rows)
     return Inputs(resume_from, training, eval_sets(config.eval_data or [], config.eval_task, config.eval_split),
                   model_files(config))
 

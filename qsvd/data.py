@@ -22,7 +22,7 @@ from typing import NamedTuple
 import datasets
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-from .errors import QSVDError
+from .errors import QSVDError, first_line
 
 IGNORE_INDEX = -100
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -32,7 +32,7 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 HUB_DATASET = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w-]*(\.[\w-]+)*")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bing": "assistant", "chatgpt": "assistant"}
-SKIPPED_EMPTY = "an empty response"
+SKIPPED_EMPTY = "with an empty response"
 SKIPPED_LONG = "longer than --seq-len"
 
 
@@ -61,8 +61,6 @@ def read_rows(data: str | Path, flag: str = "--data", config: str | None = None,
               split: str | None = None) -> datasets.Dataset:
     """The rows of a local file, a `save_to_disk` directory or a hub dataset (`config`, `split`),
     read with `datasets`, or one line that says why they cannot be."""
-    from .load import first_line
-
     path = Path(data).expanduser()
     if path.is_dir():
         return saved_rows(path, flag, split)
@@ -87,8 +85,6 @@ def read_rows(data: str | Path, flag: str = "--data", config: str | None = None,
 
 def saved_rows(path: Path, flag: str, split: str | None) -> datasets.Dataset:
     """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
-    from .load import first_line
-
     try:
         saved = datasets.load_from_disk(str(path))
     except Exception as error:
@@ -104,8 +100,6 @@ def saved_rows(path: Path, flag: str, split: str | None) -> datasets.Dataset:
 
 def hub_rows(name: str, flag: str, config: str | None, split: str) -> datasets.Dataset:
     """A hub dataset, through the datasets cache (offline with HF_HUB_OFFLINE=1, once cached)."""
-    from .load import first_line
-
     try:
         return datasets.load_dataset(name, config, split=split)
     except datasets.exceptions.DatasetNotFoundError:
@@ -168,6 +162,10 @@ def turns(value, role_key: str, text_key: str, roles: dict[str, str] | None, wha
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"the last turn of {what} is the {messages[-1]['role']}'s, not the assistant's answer")
     return messages
+
+
+def malformed_row(source: str, number: int, error: ValueError) -> QSVDError:
+    return QSVDError(f"{source} row {number}: {error}; fix or remove the row")
 
 
 def to_chat(row: dict, shape: Shape) -> list[dict]:
@@ -245,8 +243,7 @@ class Tokenized(NamedTuple):
     skipped: dict[str, int]  # why → how many
 
     def line(self) -> str:
-        why = "; ".join(f"{count} with {reason}" if reason == SKIPPED_EMPTY else f"{count} {reason}"
-                        for reason, count in self.skipped.items())
+        why = "; ".join(f"{count} {reason}" for reason, count in self.skipped.items())
         return f"{len(self.rows)} of {self.read} rows kept" + (f", {sum(self.skipped.values())} skipped ({why})"
                                                              if self.skipped else "")
 
@@ -266,7 +263,7 @@ def tokenize_rows(training: TrainingRows, tokenizer: PreTrainedTokenizerBase, se
                 messages = to_chat(row, shape)
                 ids = tokenize(messages, tokenizer) if messages[-1]["content"] else None
         except ValueError as error:
-            raise QSVDError(f"{source} row {index + 1}: {error}; fix or remove the row") from None
+            raise malformed_row(source, index + 1, error) from None
         if ids is None:
             return {"input_ids": [], "labels": [], "skipped": SKIPPED_EMPTY}
         if len(ids["input_ids"]) > seq_len:

@@ -1,11 +1,19 @@
-"""The one exception type a user sees as a one-line message instead of a traceback, and the
-turning of running out of memory into one."""
+"""The one exception type a user sees as a one-line message instead of a traceback, the clause
+that quotes a library's error in one, and the turning of running out of memory into one."""
 
 from contextlib import contextmanager
 
 
 class QSVDError(Exception):
     """A problem with the user's input, with a message that names it and the fix."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line and type, as a clause of qsvd's one-line messages."""
+    lines = str(error).strip().splitlines()
+    module = type(error).__module__
+    kind = type(error).__qualname__ if module == "builtins" else f"{module}.{type(error).__qualname__}"
+    return f"{lines[0] if lines else 'no message'} ({kind})"
 
 
 OUT_OF_MEMORY_MESSAGES = ("out of memory", "not enough memory", "can't allocate memory")

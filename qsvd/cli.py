@@ -124,7 +124,7 @@ def init(ctx: click.Context, config_file, **flags) -> None:
 @click.option("--max-examples", type=int, help="Score only the first N rows.")
 @click.option("--revision", help=REVISION_HELP + " For a plain model.")
 @click.option("--data-config", help="A hub dataset's configuration.")
-@click.option("--data-split", default="test", show_default=True, help="A hub dataset's (or saved DatasetDict's) split.")
+@click.option("--data-split", help="A hub dataset's (or saved DatasetDict's) split (default test).")
 @click.option("--predictions", help="JSONL of per-example predictions (default: eval-<data>-<task>.jsonl in the run dir, or here).")
 @click.pass_context
 def eval_(ctx: click.Context, target, **options) -> None:

@@ -35,14 +35,14 @@ class FinetuneConfig:
     grad_sketch: bool = False  # lorasb: one pass with a rank-(2r+1) sketch of each gradient instead
     data: str | None = None  # a file, a save_to_disk directory or a hub id; default: built-in arithmetic problems
     data_config: str | None = None  # a hub dataset's configuration
-    data_split: str = "train"  # a hub dataset's (or saved DatasetDict's) split
+    data_split: str | None = None  # a hub dataset's (or saved DatasetDict's) split; default train
     prompt_field: str | None = None  # with response_field: the rows' own layout
     response_field: str | None = None
     max_rows: int | None = None  # train on the first rows only
     truncate: bool = False  # cut a long row's response to --seq-len instead of skipping the row
     eval_data: list[str] | None = None  # data to evaluate on after training
     eval_task: str | None = None  # gen, choice or ppl; default: chosen by each file's rows
-    eval_split: str = "test"  # the split of a hub dataset in eval_data
+    eval_split: str | None = None  # the split of a hub dataset (or saved DatasetDict) in eval_data; default test
     report_to: str | list[str] = "none"  # tensorboard, wandb, trackio, mlflow, comma-separated (Trainer's integrations)
     max_steps: int | None = None
     epochs: float | None = None  # default: 1 when max_steps is not set

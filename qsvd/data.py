@@ -32,6 +32,7 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 HUB_DATASET = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w-]*(\.[\w-]+)*")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bing": "assistant", "chatgpt": "assistant"}
+SPLIT_FLAGS = {"--data": "--data-split", "--eval-data": "--eval-split"}  # the flag that picks each one's split
 SKIPPED_EMPTY = "with an empty response"
 SKIPPED_LONG = "longer than --seq-len"
 
@@ -57,14 +58,15 @@ def synthetic_arithmetic(rows: int = 128, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_list(examples)
 
 
-def read_rows(data: str | Path, flag: str = "--data", config: str | None = None,
-              split: str | None = None) -> datasets.Dataset:
+def read_rows(data: str | Path, flag: str = "--data", config: str | None = None, split: str | None = None,
+              default_split: str = "train") -> datasets.Dataset:
     """The rows of a local file, a `save_to_disk` directory or a hub dataset (`config`, `split`),
     read with `datasets`, or one line that says why they cannot be."""
     path = Path(data).expanduser()
     if path.is_dir():
-        return saved_rows(path, flag, split)
+        return saved_rows(path, flag, config, split, default_split)
     if path.is_file():
+        refuse_split_and_config(path, flag, config, split)
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise QSVDError(f"{flag} {path}: qsvd reads json, jsonl, csv and parquet files (by their "
@@ -80,10 +82,18 @@ def read_rows(data: str | Path, flag: str = "--data", config: str | None = None,
             raise QSVDError(f"{flag} {path} is not a {kind} file of records: {first_line(error)}") from None
     if path.suffix.lower() in (*FILE_BUILDERS, ".txt") or not HUB_DATASET.fullmatch(str(data)):
         raise QSVDError(f"{flag} {data}: no such file")
-    return hub_rows(str(data), flag, config, split or "train")
+    return hub_rows(str(data), flag, config, split or default_split)
 
 
-def saved_rows(path: Path, flag: str, split: str | None) -> datasets.Dataset:
+def refuse_split_and_config(path: Path, flag: str, config: str | None, split: str | None) -> None:
+    """A file, or a saved Dataset, is one split of one configuration: a flag that picks one is a mistake."""
+    given = [name for name, value in ((SPLIT_FLAGS[flag], split), ("--data-config", config)) if value is not None]
+    if given:
+        raise QSVDError(f"{given[0]} picks part of a hub dataset or of a saved DatasetDict; {flag} {path} has "
+                        f"one split: drop {given[0]}")
+
+
+def saved_rows(path: Path, flag: str, config: str | None, split: str | None, default_split: str) -> datasets.Dataset:
     """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
     try:
         saved = datasets.load_from_disk(str(path))
@@ -91,10 +101,13 @@ def saved_rows(path: Path, flag: str, split: str | None) -> datasets.Dataset:
         raise QSVDError(f"{flag} {path} is not a directory written by datasets' save_to_disk: "
                         f"{first_line(error)}") from None
     if isinstance(saved, datasets.Dataset):
+        refuse_split_and_config(path, flag, config, split)
         return saved
-    split = split or "train"
+    if config is not None:
+        refuse_split_and_config(path, flag, config, None)
+    split = split or default_split
     if split not in saved:
-        raise QSVDError(f"{flag} {path} has no split {split!r}; its splits: {', '.join(saved)} (--data-split)")
+        raise QSVDError(f"{flag} {path} has no split {split!r}; its splits: {', '.join(saved)} ({SPLIT_FLAGS[flag]})")
     return saved[split]
 
 
@@ -109,7 +122,7 @@ def hub_rows(name: str, flag: str, config: str | None, split: str) -> datasets.D
         raise QSVDError(f"{flag} {name} is not in the datasets cache and the hub cannot be reached; load it "
                         f"once online, or pass a local file") from None
     except Exception as error:  # an unknown config or split, which datasets names with the ones there are
-        raise QSVDError(f"{flag} {name}: {first_line(error)} (--data-config, --data-split)") from None
+        raise QSVDError(f"{flag} {name}: {first_line(error)} (--data-config, {SPLIT_FLAGS[flag]})") from None
 
 
 class Shape(NamedTuple):

@@ -263,13 +263,13 @@ def text_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 # -- running an evaluation -------------------------------------------------------------------
 
 def read_eval_rows(path: str | Path, flag: str = "--data", config: str | None = None,
-                   split: str = "test") -> datasets.Dataset:
+                   split: str | None = None) -> datasets.Dataset:
     """Records in any form `--data` takes (a hub dataset's or saved DatasetDict's `split`), or a
     .txt file read as one text."""
     path = Path(path)
     if path.suffix == ".txt" and path.is_file():
         return datasets.Dataset.from_list([{"text": path.read_text()}])
-    return read_rows(path, flag, config, split)
+    return read_rows(path, flag, config, split, default_split="test")
 
 
 def pick_task(rows: datasets.Dataset, task: str | None, source: str) -> str:
@@ -290,7 +290,7 @@ def pick_task(rows: datasets.Dataset, task: str | None, source: str) -> str:
     return task
 
 
-def eval_sets(paths: list[str], task: str | None, split: str = "test") -> list[tuple[Path, datasets.Dataset, str]]:
+def eval_sets(paths: list[str], task: str | None, split: str | None = None) -> list[tuple[Path, datasets.Dataset, str]]:
     """`finetune --eval-data`: each source's rows and task, checked before training starts."""
     sets = []
     for path in paths:
@@ -343,7 +343,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 def evaluate(target: str | Path, data: str | Path, task: str | None = None, predictions: str | Path | None = None,
              bits: int | None = None, batch_size: int = 8, max_new_tokens: int = 256, seq_len: int = 512,
              max_examples: int | None = None, revision: str | None = None, data_config: str | None = None,
-             data_split: str = "test") -> EvalResult:
+             data_split: str | None = None) -> EvalResult:
     """Evaluate a run directory, or a plain model (alias, hub id, HF directory or GGUF) stored at `bits`
     (default 16), as `qsvd eval` does. The data and task are checked before any model loads."""
     check_positive({"batch-size": batch_size, "max-new-tokens": max_new_tokens, "seq-len": seq_len,

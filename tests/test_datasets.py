@@ -66,8 +66,14 @@ def test_every_local_form_and_the_hub_give_the_same_rows(tmp_path, offline_datas
         assert tokenized(data).rows.to_list() == expected, name
     assert tokenized("tiny-org/tiny-qa", split="train").rows.to_list() == expected
     assert tokenized(str(tmp_path / "splits"), split="test").read == 1
-    with pytest.raises(QSVDError, match="has no split 'dev'; its splits: train, test"):
+    with pytest.raises(QSVDError, match=r"has no split 'dev'; its splits: train, test \(--data-split\)"):
         training_rows(str(tmp_path / "splits"), split="dev")
+    for data in (forms["csv"], forms["saved"]):  # one split each: a flag picking one is told, not ignored
+        with pytest.raises(QSVDError, match=f"--data-split picks part of a hub dataset or of a saved DatasetDict; "
+                                            f"--data {data} has one split"):
+            training_rows(data, split="train")
+    with pytest.raises(QSVDError, match="--data-config picks part of a hub dataset"):
+        training_rows(forms["saved splits"], config="main")
     with pytest.raises(QSVDError, match=r"tiny-org/absent is not in the datasets cache and the hub cannot be reached"):
         training_rows("tiny-org/absent")
 
@@ -198,8 +204,8 @@ def test_eval_data_takes_the_same_forms(tiny_model_dir, tmp_path, offline_datase
     from qsvd.evaluate import eval_sets
 
     forms = write_forms(QA, tmp_path)
-    for data, split, examples in [("tiny-org/tiny-qa", "train", len(QA)), (forms["saved splits"], "test", 1),
-                                  (forms["parquet"], "test", len(QA))]:  # a file is one split
+    for data, split, examples in [("tiny-org/tiny-qa", "train", len(QA)), (forms["saved splits"], None, 1),
+                                  (forms["parquet"], None, len(QA))]:  # eval's default split is test
         result = qsvd.evaluate(tiny_model_dir, data, data_split=split, max_new_tokens=2,
                                predictions=tmp_path / "predictions.jsonl")
         assert result.summary()["examples"] == examples

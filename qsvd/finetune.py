@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from torch import nn
-from transformers import set_seed
+from transformers import PreTrainedTokenizerBase, set_seed
 
 from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_dir, step_of, work_dir
 from .config import FinetuneConfig
@@ -46,7 +46,7 @@ def init(config: FinetuneConfig | None = None, **options) -> Path:
     """Split and quantize only, as `qsvd init` does; returns the prepared model's directory."""
     config = config or FinetuneConfig.resolve(**options)
     set_seed(config.seed)
-    files = model_files(config)
+    files, _ = model_files(config)
     device = default_device()
     found = lookup(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code)
     if found.problem is None:
@@ -67,11 +67,10 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     output = config.output_dir
     set_seed(config.seed)
 
-    # 1. load: check the inputs (the main process first: it may fetch or convert the model), the
-    #    tokenizer (the weights are read in step 2), then the tokenized rows
+    # 1. load: check the inputs, the tokenizer among them (the main process first: it may fetch or
+    #    convert the model; the weights are read in step 2), then tokenize the rows
     with state.main_process_first():
-        resume_from, training, evaluations, files = check_inputs(config)
-    tokenizer = load_tokenizer(files, config.trust_remote_code)
+        resume_from, training, evaluations, files, tokenizer = check_inputs(config)
     tokenized = tokenize_rows(training, tokenizer, config.seq_len, config.truncate)
     dataset = tokenized.rows
     console.print(f"{tokenized.line()}; method {config.method}, {config.bits}-bit frozen base, "
@@ -142,6 +141,7 @@ class Inputs(NamedTuple):
     training: TrainingRows
     evaluations: list  # (path, rows, task) of each --eval-data file
     files: ModelFiles
+    tokenizer: PreTrainedTokenizerBase
 
 
 def check_inputs(config: FinetuneConfig) -> Inputs:
@@ -152,16 +152,15 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
                              prompt_field=config.prompt_field, response_field=config.response_field,
                              max_rows=config.max_rows)
     return Inputs(resume_from, training, eval_sets(config.eval_data or [], config.eval_task, config.eval_split),
-                  model_files(config))
+                  *model_files(config))
 
 
-def model_files(config: FinetuneConfig) -> ModelFiles:
-    """The model's files, with what can be checked before any weight is read: its config, its
-    architecture (adaptable linear layers) and its tokenizer."""
+def model_files(config: FinetuneConfig) -> tuple[ModelFiles, PreTrainedTokenizerBase]:
+    """The model's files and tokenizer, with what can be checked before any weight is read: its
+    config, its architecture (adaptable linear layers) and its tokenizer."""
     files = resolve_model(config.model, config.revision)
     find_targets(empty_model(files, config.trust_remote_code))
-    load_tokenizer(files, config.trust_remote_code)
-    return files
+    return files, load_tokenizer(files, config.trust_remote_code)
 
 
 def train_with_advice(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, work: Path,

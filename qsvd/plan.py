@@ -13,6 +13,8 @@ target layers' shapes are exact for any architecture. The parts, in bytes:
   in fp32 with their gradient;
 - the split's workspace while the model is prepared: a few fp32 copies of the largest layer, and
   one shard of the prepared model serialized in memory as it is written;
+- a merged export's workspace: one output shard (1 GiB, bf16) and the fp32 copies of the largest
+  layer as its update is merged, beside the adapter tensors;
 - on a CPU, the process's libraries (this process's own resident memory after its imports), and
   what the C allocator (glibc) keeps of the freed buffers: measured on SmolLM2-135M, about
   `CPU_ALLOCATOR_CACHE` times a step's activation and logit buffers (or the split's fp32 copies),
@@ -40,6 +42,8 @@ CUDA_CONTEXT_MIB = 500
 CPU_ALLOCATOR_CACHE = 2.1  # glibc's kept freed buffers ÷ the live ones, measured (README: Will it fit?)
 CPU_SETUP_RESIDUE_MIB = 64  # heap left after loading and splitting, measured
 SPLIT_COPIES = 4  # fp32 copies of the largest target while it is split (W, its factors, the residual, Q's input)
+MERGE_COPIES = 2  # fp32 copies of the largest target while its update is merged (W, B A)
+EXPORT_SHARD_BYTES = 2**30  # `qsvd export`'s default --shard-size
 ALIAS_CONFIGS = {  # the hub aliases' configs, so that a plan needs no download
     "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
@@ -149,18 +153,23 @@ def budget(setup: Setup) -> dict[str, float]:
     largest = max(linear.weight.numel() for linear in linears.values())
     split_copies = SPLIT_COPIES * 4 * largest
     parts["split workspace"] = split_copies + min(parts["frozen targets"] + parts["adapter"], SHARD_BYTES)
+    merge_copies = MERGE_COPIES * 4 * largest
+    parts["export workspace"] = merge_copies + min(2 * sum(p.numel() for p in model.parameters()), EXPORT_SHARD_BYTES)
     if on_gpu:
         parts["runtime"] = CUDA_CONTEXT_MIB * 2**20
     else:
         parts["runtime"] = (status_mb("VmRSS") + CPU_SETUP_RESIDUE_MIB) * 2**20
         parts["allocator cache, training"] = CPU_ALLOCATOR_CACHE * (parts["activations"] + parts["logits"])
         parts["allocator cache, split"] = CPU_ALLOCATOR_CACHE * split_copies  # the shard: one mmap, returned
+        parts["allocator cache, export"] = CPU_ALLOCATOR_CACHE * merge_copies
     weights = parts["frozen targets"] + parts["other weights"] + parts["adapter"]
     parts["training total"] = weights + parts["gradients"] + parts["optimizer"] + parts["activations"] + \
         parts["logits"] + parts["runtime"] + parts.get("allocator cache, training", 0)
     parts["preparation total"] = weights + parts["split workspace"] + parts["runtime"] + \
         parts.get("allocator cache, split", 0)
-    parts["peak"] = max(parts["training total"], parts["preparation total"])
+    parts["export total"] = parts["adapter"] + parts["export workspace"] + parts["runtime"] + \
+        parts.get("allocator cache, export", 0)
+    parts["peak"] = max(parts["training total"], parts["preparation total"], parts["export total"])
     return parts
 
 

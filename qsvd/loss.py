@@ -1,28 +1,61 @@
-"""The training loss and per-row log-likelihoods, with vocabulary logits only where a token carries loss."""
+"""The training loss and per-row log-likelihoods, with vocabulary logits only where a token carries
+loss, and only a chunk of them at a time.
+
+The logits are the largest tensors of a step (tokens × vocabulary: 2048 × 128,256 in fp32 is 1 GiB,
+and the cross-entropy keeps its log-softmax and, in backward, its gradient beside it). The model's
+own loss computes them at every position. Here the decoder's hidden states h_t are taken at the
+supervised positions only and the output head runs over `chunk_tokens(V)` of them at a time, each
+chunk's lm_head + cross-entropy under activation checkpointing: its logits are freed as soon as its
+loss is summed and recomputed in backward, so a step holds one chunk of logits (as torchtune's
+chunked cross-entropy and Liger's fused linear cross-entropy do, by recomputation rather than a
+fused kernel). A batch that fits in one chunk keeps today's single pass, without the recompute.
+"""
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from .data import IGNORE_INDEX
 
+LOGIT_CHUNK_BYTES = 128 * 2**20  # the fp32 logits of one chunk: 261 tokens of Llama 3's 128,256, 1,048 of Llama 2's 32,000
 
-def supervised_logits(model: PreTrainedModel, inputs: dict[str, torch.Tensor]):
-    """(logits, targets, mask): the next-token logits at the positions t whose next token
-    y_{t+1} carries loss, those tokens, and the [rows, length − 1] mask of the positions.
 
-    The logits are the largest tensors of a step (tokens × vocab); the model's own loss computes
-    them everywhere. Models whose logits are not lm_head(hidden) take the full forward.
+def chunk_tokens(vocab_size: int) -> int:
+    """Supervised tokens per chunk: as many as `LOGIT_CHUNK_BYTES` of fp32 logits hold."""
+    return max(1, LOGIT_CHUNK_BYTES // (4 * vocab_size))
+
+
+def supervised_token_losses(model: PreTrainedModel, inputs: dict[str, torch.Tensor],
+                            reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor]:
+    """CE(lm_head(h_t), y_{t+1}) at the positions t whose next token carries loss: summed
+    (`reduction="sum"`) or one a token ("none", in the mask's row-major order); and the
+    [rows, length − 1] mask of those positions.
+
+    Models whose logits are not lm_head(hidden) (soft-capping, scaling) take the full forward.
     """
     targets = inputs["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
-    if plain_logits(model):
-        hidden = model.get_decoder()(input_ids=inputs["input_ids"],
-                                     attention_mask=inputs.get("attention_mask")).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, :-1][mask])
-    else:
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits[:, :-1][mask]
-    return logits.float(), targets[mask], mask
+    targets = targets[mask]
+    if not plain_logits(model):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+        return F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction=reduction), mask
+    hidden = model.get_decoder()(input_ids=inputs["input_ids"],
+                                 attention_mask=inputs.get("attention_mask")).last_hidden_state[:, :-1][mask]
+    head = model.get_output_embeddings()
+    step = chunk_tokens(head.weight.shape[0])
+    if len(targets) <= step:  # one chunk: nothing to free before backward, so no recompute
+        return head_cross_entropy(head, hidden, targets, reduction), mask
+    losses = [checkpoint(head_cross_entropy, head, hidden[start:start + step], targets[start:start + step],
+                         reduction, use_reentrant=False, preserve_rng_state=False)
+              for start in range(0, len(targets), step)]
+    return (torch.stack(losses).sum() if reduction == "sum" else torch.cat(losses)), mask
+
+
+def head_cross_entropy(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                       reduction: str) -> torch.Tensor:
+    """CE(head(h), y) in fp32, whatever the compute dtype."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction=reduction)
 
 
 def supervised_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor],
@@ -32,17 +65,15 @@ def supervised_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor],
     N is `num_items` (the accumulated batch's count, as Trainer passes it) or this batch's count
     of supervised tokens.
     """
-    logits, targets, mask = supervised_logits(model, inputs)
-    loss = F.cross_entropy(logits, targets, reduction="sum")
+    loss, mask = supervised_token_losses(model, inputs)
     return loss / (num_items if num_items is not None else mask.sum().clamp_min(1))
 
 
 def row_log_likelihoods(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's Σ_t log p(y_{t+1} | y_≤t) over its supervised tokens, and their count."""
-    logits, targets, mask = supervised_logits(model, inputs)
-    token_log_probs = -F.cross_entropy(logits, targets, reduction="none")
+    losses, mask = supervised_token_losses(model, inputs, reduction="none")
     rows = mask.nonzero()[:, 0]
-    sums = torch.zeros(mask.shape[0], device=logits.device).index_add_(0, rows, token_log_probs)
+    sums = torch.zeros(mask.shape[0], device=losses.device).index_add_(0, rows, -losses)
     return sums, mask.sum(dim=1)
 
 

@@ -9,12 +9,13 @@ target layers' shapes are exact for any architecture. The parts, in bytes:
   tensors of 4096 elements or more, 8 below (bitsandbytes' min_8bit_size), AdamW 8;
 - activations: each decoder block's input kept for the backward pass, plus one block's working
   set (recomputed under gradient checkpointing, else kept for every block; on a CPU with the
-  attention scores, which GPU kernels never hold whole), plus the logits of the supervised tokens
-  in fp32 with their gradient;
+  attention scores, which GPU kernels never hold whole), plus one chunk of the supervised tokens'
+  logits in fp32 with their gradient (`loss.chunk_tokens`; all of them for a model whose logits
+  are not lm_head(hidden));
 - the split's workspace while the model is prepared: a few fp32 copies of the largest layer, and
   one shard of the prepared model serialized in memory as it is written;
-- a merged export's workspace: one output shard (1 GiB, bf16) and the fp32 copies of the largest
-  layer as its update is merged, beside the adapter tensors;
+- a merged export (on a CPU, where it always runs): one output shard (1 GiB, bf16) and the fp32
+  copies of the largest layer as its update is merged, beside the adapter tensors;
 - on a CPU, the process's libraries (this process's own resident memory after its imports), and
   what the C allocator (glibc) keeps of the freed buffers: measured on SmolLM2-135M, about
   `CPU_ALLOCATOR_CACHE` times a step's activation and logit buffers (or the split's fp32 copies),
@@ -31,6 +32,7 @@ from .config import check_positive
 from .console import console
 from .errors import QSVDError
 from .load import EMBEDDED_ALIAS, HUB_ALIASES, download_config, hub_repo, model_from_config, read_config, resolve_model
+from .loss import chunk_tokens, plain_logits
 from .memory import status_mb
 from .methods import METHODS
 from .prepared import SHARD_BYTES
@@ -149,27 +151,27 @@ def budget(setup: Setup) -> dict[str, float]:
         block_working_set += 3 * setup.batch_size * config.num_attention_heads * setup.seq_len ** 2 * dtype_bytes
     kept_inputs = blocks * tokens * hidden * dtype_bytes
     parts["activations"] = kept_inputs + block_working_set * (1 if setup.gradient_checkpointing else blocks)
-    parts["logits"] = 2 * tokens * config.vocab_size * 4
+    logit_tokens = min(tokens, chunk_tokens(config.vocab_size)) if plain_logits(model) else tokens
+    parts["logits"] = 2 * logit_tokens * config.vocab_size * 4
     largest = max(linear.weight.numel() for linear in linears.values())
     split_copies = SPLIT_COPIES * 4 * largest
     parts["split workspace"] = split_copies + min(parts["frozen targets"] + parts["adapter"], SHARD_BYTES)
-    merge_copies = MERGE_COPIES * 4 * largest
-    parts["export workspace"] = merge_copies + min(2 * sum(p.numel() for p in model.parameters()), EXPORT_SHARD_BYTES)
     if on_gpu:
         parts["runtime"] = CUDA_CONTEXT_MIB * 2**20
     else:
         parts["runtime"] = (status_mb("VmRSS") + CPU_SETUP_RESIDUE_MIB) * 2**20
         parts["allocator cache, training"] = CPU_ALLOCATOR_CACHE * (parts["activations"] + parts["logits"])
         parts["allocator cache, split"] = CPU_ALLOCATOR_CACHE * split_copies  # the shard: one mmap, returned
-        parts["allocator cache, export"] = CPU_ALLOCATOR_CACHE * merge_copies
     weights = parts["frozen targets"] + parts["other weights"] + parts["adapter"]
     parts["training total"] = weights + parts["gradients"] + parts["optimizer"] + parts["activations"] + \
         parts["logits"] + parts["runtime"] + parts.get("allocator cache, training", 0)
     parts["preparation total"] = weights + parts["split workspace"] + parts["runtime"] + \
         parts.get("allocator cache, split", 0)
-    parts["export total"] = parts["adapter"] + parts["export workspace"] + parts["runtime"] + \
-        parts.get("allocator cache, export", 0)
-    parts["peak"] = max(parts["training total"], parts["preparation total"], parts["export total"])
+    if not on_gpu:  # a merged export runs on the CPU: one output shard (bf16), the largest layer merged in fp32
+        merge_copies = MERGE_COPIES * 4 * largest
+        parts["export total"] = parts["adapter"] + merge_copies * (1 + CPU_ALLOCATOR_CACHE) + parts["runtime"] + \
+            min(2 * sum(p.numel() for p in model.parameters()), EXPORT_SHARD_BYTES)
+    parts["peak"] = max(parts["training total"], parts["preparation total"], parts.get("export total", 0))
     return parts
 
 

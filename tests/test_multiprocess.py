@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from qsvd import loss
 from qsvd.cli import cli
 from qsvd.launch import without_option
 from qsvd.load import resolve_model
@@ -46,7 +47,10 @@ def spy_on_prepared(directory):
 
 
 @pytest.mark.parametrize("method", ["edora", "lora"])  # lora: a random init, which every process must share
-def test_two_processes_train_what_one_process_trains_on_the_same_global_batch(method, tiny_model_dir, tmp_path):
+def test_two_processes_train_what_one_process_trains_on_the_same_global_batch(method, tiny_model_dir, tmp_path,
+                                                                               monkeypatch):
+    """Under DDP the model's own loss (full logits) is taken; one process takes qsvd's, here in
+    chunks of 16 tokens: the same losses and adapter."""
     args = {size: run_args(tiny_model_dir, tmp_path / run, size, method) for run, size in (("one", 4), ("two", 2))}
     spy_on_prepared(tmp_path / "spy")
     env = os.environ | {"PYTHONPATH": str(tmp_path / "spy")}
@@ -56,6 +60,7 @@ def test_two_processes_train_what_one_process_trains_on_the_same_global_batch(me
     told = {line for line in two.stderr.splitlines() if " on process " in line}
     assert told == {"build on process 0", "load_prepared on process 1"}
 
+    monkeypatch.setattr(loss, "LOGIT_CHUNK_BYTES", 16 * 4 * 128)
     one = CliRunner().invoke(cli, args[4])
     assert one.exit_code == 0, one.output
 

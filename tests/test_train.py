@@ -10,6 +10,8 @@ import qsvd
 from qsvd.config import FinetuneConfig
 from qsvd.data import build_dataset
 from qsvd.split import adapter_state
+from qsvd import loss
+from qsvd.loss import row_log_likelihoods
 from qsvd.train import supervised_loss, train
 from conftest import char_tokenizer, tiny_model
 
@@ -29,9 +31,48 @@ def test_supervised_loss_equals_the_models_loss():
                           rtol=1e-6)
 
 
+def force_chunks(monkeypatch, tokens: int, vocab_size: int = 128) -> None:
+    """Make the loss take `tokens` supervised tokens of the tiny model's logits at a time."""
+    monkeypatch.setattr(loss, "LOGIT_CHUNK_BYTES", tokens * 4 * vocab_size)
+
+
+def test_chunked_loss_has_the_models_loss_and_gradients_with_one_chunk_of_logits_at_a_time(monkeypatch):
+    """Chunks of 5 of the 34 supervised tokens: the same loss, adapter gradients and row
+    log-likelihoods as the model's own full logits (fp32, 1e-6 relative), and the output head never
+    sees more than 5 tokens at once, in forward or in backward's recompute."""
+    model = qsvd.prepare(tiny_model(), "lora", bits=16, rank=4, device="cpu", progress=False)
+    for name, param in model.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(param, std=0.1)  # lora's B starts at zero: give A a gradient too
+    ids = torch.randint(4, 100, (3, 16), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :6], labels[1, 10:] = -100, -100
+    inputs = {"input_ids": ids, "labels": labels, "attention_mask": (labels != -100) | (torch.arange(16) < 10)}
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    expected = model(**inputs).loss
+    expected_grads = torch.autograd.grad(expected, trainable)
+    with torch.no_grad():
+        expected_rows = row_log_likelihoods(model, inputs)
+
+    force_chunks(monkeypatch, 5)
+    head_rows = []
+    model.get_output_embeddings().register_forward_hook(lambda module, args, output: head_rows.append(len(output)))
+    chunked = supervised_loss(model, inputs)
+    grads = torch.autograd.grad(chunked, trainable)
+    assert head_rows == [5] * 6 + [4] + [4] + [5] * 6  # 34 tokens forward, then each chunk again in backward
+    assert torch.allclose(chunked, expected, rtol=1e-6, atol=0)
+    for grad, expected_grad in zip(grads, expected_grads):  # relative to the gradient's norm: only the order of the sums differs
+        assert (grad - expected_grad).norm() <= 1e-6 * expected_grad.norm()
+    with torch.no_grad():
+        sums, counts = row_log_likelihoods(model, inputs)
+    assert torch.equal(counts, expected_rows[1]) and torch.allclose(sums, expected_rows[0], rtol=1e-6)
+
+
 @pytest.mark.parametrize("grad_accum", [1, 2])
-def test_supervised_tokens_trainer_trains_as_trainer_does(grad_accum, tmp_path):
-    """Two optimizer steps with qsvd's trainer and with transformers' land on the same adapter."""
+def test_supervised_tokens_trainer_trains_as_trainer_does(grad_accum, tmp_path, monkeypatch):
+    """Two optimizer steps with qsvd's trainer (its loss in chunks of 16 tokens) and with
+    transformers' land on the same adapter."""
+    force_chunks(monkeypatch, 16)
     tokenizer = char_tokenizer()
     config = FinetuneConfig.resolve(method="lora", batch_size=2, grad_accum=grad_accum, max_steps=2,
                                     seq_len=512, lr=1e-2, warmup_ratio=0.0, optim="adamw_torch")

@@ -10,7 +10,7 @@ from .config import FinetuneConfig
 from .errors import QSVDError
 from .evaluate import TASKS
 from .evaluate import evaluate as run_evaluate
-from .export import BASES, DTYPES, FORMATS
+from .export import BASES, FORMATS
 from .export import export as run_export
 from .finetune import check_inputs
 from .finetune import finetune as run_finetune
@@ -19,6 +19,7 @@ from .launch import launched, relaunch, without_option
 from .methods import METHODS
 from .plan import GPUS_MIB
 from .plan import plan as run_plan
+from .split import DTYPES
 
 
 MODEL_HELP = ("A hub id ORG/NAME, an alias (smollm2-135m, the default; llama-7b, llama2-7b, llama3-8b, mistral-7b, "
@@ -47,6 +48,9 @@ def split_options(command):
         click.option("--targets", help="Comma-separated layer names, e.g. q_proj,v_proj (default: all linear layers of the decoder blocks)."),
         click.option("--refine-iters", type=int, help="pissa: quantization-aware refinement iterations (default 0)."),
         click.option("--svd-niter", type=int, help="Top-r SVD (pissa, loraxs, edora, lorasb): randomized, with this many power iterations (default: exact)."),
+        click.option("--dtype", type=click.Choice(["auto", *DTYPES]),
+                     help="Compute dtype (default auto: fp32 on a CPU; on a GPU bf16 from compute capability 8.0, "
+                          "else fp16 with loss scaling)."),
         click.option("--seed", type=int, help="Random seed (default 42)."),
         click.option("--trust-remote-code", is_flag=True, default=None, help="Run the model repository's own Python code (off unless given)."),
     ]
@@ -162,6 +166,8 @@ def export(ctx: click.Context, run_dir, format_, **options) -> None:
 @click.option("--no-gradient-checkpointing", "gradient_checkpointing", flag_value=False, default=True,
               help="Plan without gradient checkpointing.")
 @click.option("--gpu", type=click.Choice(list(GPUS_MIB)), help="Plan for this GPU (default: this machine's CPU and RAM).")
+@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
+              help="Compute dtype, as finetune's --dtype.")
 @click.pass_context
 def plan(ctx: click.Context, targets, **options) -> None:
     """Will a run fit? Its memory, part by part, from the model's config alone."""

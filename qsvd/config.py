@@ -29,6 +29,7 @@ class FinetuneConfig:
     core_init: str = "normal"  # loraxs/edora: "normal" (σ = 1e-5) or "zeros"
     refine_iters: int = 0  # pissa: quantization-aware refinement iterations
     svd_niter: int | None = None  # top-r SVD: randomized with this many power iterations; default exact
+    dtype: str = "auto"  # compute dtype: auto (fp32 on CPU, bf16 on GPUs of compute capability ≥ 8.0, else fp16), fp32, bf16, fp16
     task_type: str = "math"  # "math" or "commonsense": sets lorasb's default --grad-samples
     grad_samples: int | None = None  # lorasb: rows for the gradient estimate (default: 50 math, 170 commonsense)
     grad_mem_budget: str | None = None  # lorasb: e.g. "2GB" of gradients at a time (default: half the free memory)
@@ -93,7 +94,7 @@ class FinetuneConfig:
         return config
 
     def validate(self) -> None:
-        self.spec()  # checks method, bits, rank, alpha, dropout, core_init, refine_iters, svd_niter
+        self.spec()  # checks method, bits, rank, alpha, dropout, core_init, refine_iters, svd_niter, dtype
         positive = {"lr": self.lr, "batch-size": self.batch_size, "grad-accum": self.grad_accum,
                     "seq-len": self.seq_len, "max-steps": self.max_steps, "epochs": self.epochs,
                     "grad-samples": self.grad_samples, "save-steps": self.save_steps, "max-rows": self.max_rows}
@@ -109,7 +110,8 @@ class FinetuneConfig:
 
     def spec(self) -> AdapterSpec:
         return make_spec(self.method, self.rank, self.alpha, self.bits, dropout=self.dropout,
-                         core_init=self.core_init, refine_iters=self.refine_iters, svd_niter=self.svd_niter)
+                         core_init=self.core_init, refine_iters=self.refine_iters, svd_niter=self.svd_niter,
+                         dtype=self.dtype)
 
     @property
     def loggers(self) -> list[str]:

@@ -32,11 +32,10 @@ from .load import ModelFiles, atomic_dir, empty_model, open_weights, read_config
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
 from .run import Run, check_output, read_run
-from .split import find_targets
+from .split import DTYPES, find_targets
 
 FORMATS = ("peft", "merged")
 BASES = ("original", "dequantized")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEFT_WEIGHTS = "adapter_model.safetensors"
 
 

@@ -74,6 +74,14 @@ class Setup:
     targets: tuple[str, ...] | None = None
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_8bit"
+    dtype: str = "auto"
+
+    @property
+    def compute_dtype(self) -> str:
+        """--dtype, or auto's choice: fp32 on a CPU, bf16 on a GPU of compute capability ≥ 8.0, else fp16."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "fp32" if self.gpu is None else ("bf16" if self.gpu in BF16_GPUS else "fp16")
 
 
 def model_config(model: str, revision: str | None = None):
@@ -129,7 +137,7 @@ def budget(setup: Setup) -> dict[str, float]:
     spec = make_spec(setup.method, setup.rank, bits=setup.bits)
     linears = find_targets(model, setup.targets)
     on_gpu = setup.gpu is not None
-    dtype_bytes = 2 if on_gpu else 4
+    dtype_bytes = 4 if setup.compute_dtype == "fp32" else 2
     layer_cls = METHODS[setup.method]
     target_weights = {id(linear.weight) for linear in linears.values()}
     parts = {"frozen targets": 0.0, "other weights": 0.0, "adapter": 0.0, "gradients": 0.0, "optimizer": 0.0}
@@ -211,9 +219,8 @@ def plan(model: str = EMBEDDED_ALIAS, gpu: str | None = None, **options) -> dict
     parts = budget(setup)  # its make_spec checks the method and bits
     capacity = capacity_mib(setup)
     where = f"{setup.gpu} ({capacity:,.0f} MiB)" if setup.gpu else f"this machine's RAM ({capacity:,.0f} MiB)"
-    dtype = "fp32" if setup.gpu is None else ("bf16" if setup.gpu in BF16_GPUS else "fp16")
     console.print(f"{setup.model}: {setup.method}, {setup.bits}-bit, rank {setup.rank}, batch {setup.batch_size} × "
-                  f"seq {setup.seq_len}, compute {dtype}, gradient checkpointing "
+                  f"seq {setup.seq_len}, compute {setup.compute_dtype}, gradient checkpointing "
                   f"{'on' if setup.gradient_checkpointing else 'off'}, on {where}")
     for name, value in parts.items():
         if name == "training total":

@@ -44,7 +44,7 @@ def prepared_key(files: ModelFiles, spec: AdapterSpec, targets: list[str], devic
     """Everything the prepared tensors depend on (dropout, for one, they do not)."""
     return {"source": files.fingerprint, "method": spec.method, "rank": spec.rank, "alpha": spec.alpha,
             "bits": spec.bits, "targets": targets, "refine_iters": spec.refine_iters,
-            "svd_niter": spec.svd_niter, "core_init": spec.core_init, "dtype": str(compute_dtype(device)),
+            "svd_niter": spec.svd_niter, "core_init": spec.core_init, "dtype": str(compute_dtype(device, spec)),
             "seed": seed if METHODS[spec.method].random_init else None}
 
 
@@ -103,7 +103,7 @@ def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: Adapter
     """Fill the empty `model` from the prepared model at `path` and the source's other tensors."""
     layer_cls = METHODS[spec.method]
     linears = find_targets(model, targets)
-    load_non_targets(model, linears, open_weights(files, model), device)
+    load_non_targets(model, linears, open_weights(files, model), device, spec)
     shards = SafetensorsWeights(tuple(sorted(path.glob("layers-*.safetensors"))))
 
     def load_layer(name: str, linear: nn.Linear) -> nn.Module:
@@ -111,7 +111,7 @@ def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: Adapter
                  if key.startswith(name + ".")}
         base = {key.removeprefix("base."): t for key, t in state.items() if key.startswith("base.")}
         tensors = {key: t.to(device) for key, t in state.items() if not key.startswith("base.")}
-        return layer_cls(quantize.load_frozen(base, spec.bits, compute_dtype(device), device), tensors, spec)
+        return layer_cls(quantize.load_frozen(base, spec.bits, compute_dtype(device, spec), device), tensors, spec)
 
     return replace_layers(model, spec, linears, load_layer, device, progress, "load prepared")
 

@@ -24,8 +24,14 @@ from .methods.lorasb import init_from_gradients
 
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU; bf16 on GPUs with native bf16 (compute capability ≥ 8.0), else fp16."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(device: torch.device, spec: AdapterSpec | None = None) -> torch.dtype:
+    """The spec's --dtype, or for auto: float32 on CPU; bf16 on GPUs with native bf16 (compute
+    capability ≥ 8.0), else fp16 (which Trainer trains with a loss scaler)."""
+    if spec is not None and spec.dtype != "auto":
+        return DTYPES[spec.dtype]
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
@@ -80,7 +86,7 @@ def replace_layers(model: nn.Module, spec: AdapterSpec | None, linears: dict[str
         layers[name] = make_layer(name, linears.pop(name))
         setattr(parent, child, layers[name])
         return_freed_memory()
-    dtype = compute_dtype(device)
+    dtype = compute_dtype(device, spec)
     adapter_params = {id(p) for layer in layers.values() for p in layer.parameters()}
     for param in model.parameters():
         if id(param) not in adapter_params:
@@ -97,7 +103,7 @@ def _build_layer(layer_cls: type[AdapterLayer], weight: torch.Tensor, bias: torc
                  tensors: dict[str, torch.Tensor], spec: AdapterSpec, device: torch.device) -> AdapterLayer:
     """The adapter layer over Q(frozen part of W): shared by a fresh split and a restore."""
     frozen = quantize.freeze(layer_cls.frozen_weight(weight, tensors, spec), bias, spec.bits,
-                             compute_dtype(device), device)
+                             compute_dtype(device, spec), device)
     return layer_cls(frozen, tensors, spec)
 
 
@@ -127,6 +133,8 @@ def make_spec(method: str, rank: int, alpha: float | None = None, bits: int = 4,
     refine_iters = options.get("refine_iters", 0)
     if refine_iters < 0 or (refine_iters and method != "pissa"):
         raise QSVDError("--refine-iters takes a count ≥ 0 and applies to pissa only")
+    if options.get("dtype", "auto") not in ("auto", *DTYPES):
+        raise QSVDError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {options['dtype']!r}")
     svd_niter = options.get("svd_niter")
     if svd_niter is not None and (svd_niter < 0 or not layer_cls.uses_top_svd):
         raise QSVDError(f"--svd-niter takes a count ≥ 0 and applies to the methods with a top-r SVD "
@@ -160,7 +168,7 @@ def layer_splitter(spec: AdapterSpec, device: torch.device):
     """`split_layer(W, b)` → the adapter layer over Q(frozen part of W), and the quantization
     report it fills in where one applies (else None)."""
     layer_cls = METHODS[spec.method]
-    roundtrip = partial(quantize.roundtrip, bits=spec.bits, dtype=compute_dtype(device))
+    roundtrip = partial(quantize.roundtrip, bits=spec.bits, dtype=compute_dtype(device, spec))
     report = QuantizationReport() if layer_cls.moves_weight and spec.bits < 16 else None
 
     def split_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> AdapterLayer:
@@ -184,10 +192,11 @@ def target_tensors(name: str, linear: nn.Linear, weights=None) -> tuple[torch.Te
     return read["weight"], read.get("bias")
 
 
-def load_non_targets(model: nn.Module, linears: dict[str, nn.Linear], weights, device: torch.device) -> None:
+def load_non_targets(model: nn.Module, linears: dict[str, nn.Linear], weights, device: torch.device,
+                     spec: AdapterSpec | None) -> None:
     """Read every tensor but the targets' weights and biases, in the compute dtype, onto `device`."""
     skip = {f"{name}.{key}" for name in linears for key in ("weight", "bias")}
-    load_tensors(model, weights, skip=skip, device=device, dtype=compute_dtype(device))
+    load_tensors(model, weights, skip=skip, device=device, dtype=compute_dtype(device, spec))
 
 
 def split_model(model: nn.Module, spec: AdapterSpec, targets: Iterable[str] | None = None,
@@ -204,7 +213,7 @@ def split_model(model: nn.Module, spec: AdapterSpec, targets: Iterable[str] | No
     check_rank(linears, spec.rank)
     split_layer, report = layer_splitter(spec, device)
     if weights is not None:
-        load_non_targets(model, linears, weights, device)
+        load_non_targets(model, linears, weights, device, spec)
     replace_layers(model, spec, linears, lambda name, linear: split_layer(*target_tensors(name, linear, weights)),
                    device, progress)
     if report is not None and progress:
@@ -214,7 +223,8 @@ def split_model(model: nn.Module, spec: AdapterSpec, targets: Iterable[str] | No
 
 def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha: float | None = None,
             targets: Iterable[str] | None = None, dropout: float = 0.0, core_init: str = "normal",
-            refine_iters: int = 0, svd_niter: int | None = None, grad_batches: Sequence[dict] | None = None,
+            refine_iters: int = 0, svd_niter: int | None = None, dtype: str = "auto",
+            grad_batches: Sequence[dict] | None = None,
             lr: float | None = None, grad_mem_budget: int | None = None, grad_sketch: bool = False,
             device: torch.device | str | None = None, progress: bool = True) -> nn.Module:
     """Turn a loaded HF causal LM into a trainable qsvd model, in place.
@@ -223,7 +233,7 @@ def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha:
     `grad_mem_budget` (bytes) and `grad_sketch` choose how its gradients are gathered.
     """
     spec = make_spec(method, rank, alpha, bits, dropout=dropout, core_init=core_init,
-                     refine_iters=refine_iters, svd_niter=svd_niter)
+                     refine_iters=refine_iters, svd_niter=svd_niter, dtype=dtype)
     needs_gradients = METHODS[method].needs_gradient_init
     if needs_gradients and (grad_batches is None or lr is None):
         raise QSVDError("lorasb initialises from gradients: pass grad_batches=[batch, ...] and the "
@@ -248,7 +258,7 @@ def restore(model: nn.Module, spec: AdapterSpec, targets: list[str], tensors: di
         raise QSVDError(f"the base model has no layer {missing[0]}: is it the model this run was trained on?")
     linears = {name: linears[name] for name in targets}
     if weights is not None:
-        load_non_targets(model, linears, weights, device)
+        load_non_targets(model, linears, weights, device, spec)
 
     def rebuild_layer(name: str, linear: nn.Linear) -> AdapterLayer:
         weight, bias = target_tensors(name, linear, weights)
@@ -270,7 +280,7 @@ def quantized_model(files: ModelFiles, bits: int, device: torch.device | str | N
     model = empty_model(files, trust_remote_code)
     weights = open_weights(files, model)
     linears = find_targets(model)
-    load_non_targets(model, linears, weights, device)
+    load_non_targets(model, linears, weights, device, None)
 
     def freeze_layer(name: str, linear: nn.Linear) -> nn.Module:
         weight, bias = target_tensors(name, linear, weights)

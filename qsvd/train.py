@@ -114,6 +114,14 @@ class SupervisedTokensTrainer(Trainer):
     config), and it stops at the first loss that is not finite.
     """
 
+    def create_accelerator_and_postprocess(self):
+        """As Trainer's; and fp16 on a CPU gets a GPU's fp16 path, autocast and loss scaling, which
+        accelerate reserves for accelerators (so that the path every T4 takes runs in tests)."""
+        super().create_accelerator_and_postprocess()
+        if self.args.fp16 and self.accelerator.scaler is None:
+            self.accelerator.scaler = torch.amp.GradScaler(self.accelerator.device.type)
+            self.accelerator.native_amp = True
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
@@ -152,7 +160,7 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
 
     Checkpoints are staged in `work_dir` and published, sealed, in `checkpoints`.
     """
-    args = training_arguments(config, work_dir, compute_dtype(model.device))
+    args = training_arguments(config, work_dir, compute_dtype(model.device, model.qsvd_spec))
     clock = StepClock()
     callbacks = [clock] + ([SealCheckpoints(checkpoints)] if checkpoints is not None else [])
     if "tensorboard" in config.loggers:  # Trainer's own callback, writing where the run keeps its logs

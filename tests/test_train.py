@@ -93,18 +93,21 @@ def test_supervised_tokens_trainer_trains_as_trainer_does(grad_accum, tmp_path, 
     assert ours_outcome.train_peak_memory_mb > 0 and ours_outcome.setup_peak_memory_mb > 0
 
 
-@pytest.mark.parametrize("capability, dtype", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
-                                               ((9, 0), torch.bfloat16)])
-def test_bf16_only_where_the_gpu_has_it_natively(capability, dtype, monkeypatch, tmp_path):
-    """A T4 (compute capability 7.5) reports bf16 as supported through emulation: qsvd uses fp16
-    with Trainer's loss scaler there, bf16 from capability 8.0 on."""
-    from qsvd.split import compute_dtype
+@pytest.mark.parametrize("capability, requested, dtype", [
+    ((7, 5), "auto", torch.float16), ((8, 0), "auto", torch.bfloat16), ((9, 0), "auto", torch.bfloat16),
+    ((9, 0), "fp16", torch.float16), ((7, 5), "fp32", torch.float32), ((7, 5), "bf16", torch.bfloat16)])
+def test_the_compute_dtype_and_loss_scaling_follow_the_gpu_unless_asked(capability, requested, dtype, monkeypatch,
+                                                                         tmp_path):
+    """--dtype auto: a T4 (compute capability 7.5) reports bf16 as supported through emulation, so
+    qsvd takes fp16 there, which Trainer trains with its loss scaler, and bf16 from capability 8.0
+    on; any other --dtype is taken as asked."""
+    from qsvd.split import compute_dtype, make_spec
     from qsvd.train import training_arguments
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)  # no GPU here
-    assert compute_dtype(torch.device("cuda")) == dtype
-    args = training_arguments(FinetuneConfig(), tmp_path, dtype)
-    assert (args.fp16, args.bf16) == (dtype == torch.float16, dtype == torch.bfloat16)
-    assert compute_dtype(torch.device("cpu")) == torch.float32
+    assert compute_dtype(torch.device("cuda"), make_spec("edora", 16, dtype=requested)) == dtype
+    args = training_arguments(FinetuneConfig(dtype=requested), tmp_path, dtype)
+    assert (args.fp16, args.bf16) == (dtype == torch.float16, dtype == torch.bfloat16)  # fp16: a GradScaler
+    assert compute_dtype(torch.device("cpu"), make_spec("edora", 16, dtype="auto")) == torch.float32

@@ -30,6 +30,7 @@ class AdapterSpec:
     core_init: str = "normal"  # loraxs/edora: R ~ N(0, 1e-5²), or "zeros"
     refine_iters: int = 0  # pissa: quantization-aware refinement iterations
     svd_niter: int | None = None  # top-r SVD: randomized with this many power iterations, or exact
+    dtype: str = "auto"  # compute dtype of the frozen base and the activations: auto (by device), fp32, bf16, fp16
 
     @property
     def scale(self) -> float:

@@ -148,7 +148,7 @@ def child(what: str, work: Path, shape: str) -> None:
     from qsvd.plan import Setup, budget
 
     parts = budget(Setup(model=str(model), **SETUP, **TRAINING))
-    print(json.dumps({"init": parts["preparation total"] / 2**20, "train": parts["training total"] / 2**20,
+    print(json.dumps({"init": parts["init total"] / 2**20, "train": parts["training total"] / 2**20,
                       "export": parts["export total"] / 2**20}))
 
 

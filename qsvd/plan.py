@@ -9,16 +9,19 @@ target layers' shapes are exact for any architecture. The parts, in bytes:
   tensors of 4096 elements or more, 8 below (bitsandbytes' min_8bit_size), AdamW 8;
 - activations: each decoder block's input kept for the backward pass, plus one block's working
   set (recomputed under gradient checkpointing, else kept for every block; on a CPU with the
-  attention scores, which GPU kernels never hold whole), plus one chunk of the supervised tokens'
+  attention scores, which GPU kernels never hold whole), the largest quantized layer's weight
+  dequantized for its matmul, plus one chunk of the supervised tokens'
   logits in fp32 with their gradient (`loss.chunk_tokens`; all of them for a model whose logits
   are not lm_head(hidden));
 - the split's workspace while the model is prepared: a few fp32 copies of the largest layer, and
-  one shard of the prepared model serialized in memory as it is written;
+  one shard of the prepared model serialized in memory as it is written; `finetune` holds the
+  prepared model beside it ("preparation total"), `qsvd init` streams it to disk ("init total");
 - a merged export (on a CPU, where it always runs): one output shard (1 GiB, bf16) and the fp32
   copies of the largest layer as its update is merged, beside the adapter tensors;
 - on a CPU, the process's libraries (this process's own resident memory after its imports), and
   what the C allocator (glibc) keeps of the freed buffers: measured on SmolLM2-135M, about
-  `CPU_ALLOCATOR_CACHE` times a step's activation and logit buffers (or the split's fp32 copies),
+  `CPU_ALLOCATOR_CACHE` times a step's activation and logit buffers (or the split's fp32 copies,
+  when a layer is under glibc's largest mmap threshold: larger buffers are unmapped when freed),
   plus `CPU_SETUP_RESIDUE_MIB` left from loading and splitting; on a GPU, its CUDA context.
 Rows are planned at --seq-len tokens, every one supervised: shorter rows need less.
 """
@@ -43,6 +46,7 @@ BF16_GPUS = {"a10", "4090", "a100-40", "h100"}  # compute capability ≥ 8.0; a 
 CUDA_CONTEXT_MIB = 500
 CPU_ALLOCATOR_CACHE = 2.1  # glibc's kept freed buffers ÷ the live ones, measured (README: Will it fit?)
 CPU_SETUP_RESIDUE_MIB = 64  # heap left after loading and splitting, measured
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc maps larger buffers and unmaps them when freed: none kept
 SPLIT_COPIES = 4  # fp32 copies of the largest target while it is split (W, its factors, the residual, Q's input)
 MERGE_COPIES = 2  # fp32 copies of the largest target while its update is merged (W, B A)
 EXPORT_SHARD_BYTES = 2**30  # `qsvd export`'s default --shard-size
@@ -158,10 +162,12 @@ def budget(setup: Setup) -> dict[str, float]:
     if not on_gpu and setup.batch_size > 1:  # with padding, CPU attention holds the scores, their softmax and its gradient
         block_working_set += 3 * setup.batch_size * config.num_attention_heads * setup.seq_len ** 2 * dtype_bytes
     kept_inputs = blocks * tokens * hidden * dtype_bytes
-    parts["activations"] = kept_inputs + block_working_set * (1 if setup.gradient_checkpointing else blocks)
+    largest = max(linear.weight.numel() for linear in linears.values())
+    dequantized = largest * dtype_bytes if spec.bits < 16 else 0  # a quantized matmul's dequantized weight
+    parts["activations"] = kept_inputs + block_working_set * (1 if setup.gradient_checkpointing else blocks) + \
+        dequantized
     logit_tokens = min(tokens, chunk_tokens(config.vocab_size)) if plain_logits(model) else tokens
     parts["logits"] = 2 * logit_tokens * config.vocab_size * 4
-    largest = max(linear.weight.numel() for linear in linears.values())
     split_copies = SPLIT_COPIES * 4 * largest
     parts["split workspace"] = split_copies + min(parts["frozen targets"] + parts["adapter"], SHARD_BYTES)
     if on_gpu:
@@ -169,18 +175,24 @@ def budget(setup: Setup) -> dict[str, float]:
     else:
         parts["runtime"] = (status_mb("VmRSS") + CPU_SETUP_RESIDUE_MIB) * 2**20
         parts["allocator cache, training"] = CPU_ALLOCATOR_CACHE * (parts["activations"] + parts["logits"])
-        parts["allocator cache, split"] = CPU_ALLOCATOR_CACHE * split_copies  # the shard: one mmap, returned
+        parts["allocator cache, split"] = kept_by_allocator(4 * largest, split_copies)  # the shard: one mmap, returned
     weights = parts["frozen targets"] + parts["other weights"] + parts["adapter"]
     parts["training total"] = weights + parts["gradients"] + parts["optimizer"] + parts["activations"] + \
         parts["logits"] + parts["runtime"] + parts.get("allocator cache, training", 0)
     parts["preparation total"] = weights + parts["split workspace"] + parts["runtime"] + \
         parts.get("allocator cache, split", 0)
+    parts["init total"] = parts["split workspace"] + parts["runtime"] + parts.get("allocator cache, split", 0)
     if not on_gpu:  # a merged export runs on the CPU: one output shard (bf16), the largest layer merged in fp32
         merge_copies = MERGE_COPIES * 4 * largest
-        parts["export total"] = parts["adapter"] + merge_copies * (1 + CPU_ALLOCATOR_CACHE) + parts["runtime"] + \
-            min(2 * sum(p.numel() for p in model.parameters()), EXPORT_SHARD_BYTES)
+        parts["export total"] = parts["adapter"] + merge_copies + kept_by_allocator(4 * largest, merge_copies) + \
+            parts["runtime"] + min(2 * sum(p.numel() for p in model.parameters()), EXPORT_SHARD_BYTES)
     parts["peak"] = max(parts["training total"], parts["preparation total"], parts.get("export total", 0))
     return parts
+
+
+def kept_by_allocator(buffer_bytes: float, live_bytes: float) -> float:
+    """What glibc keeps of freed buffers of this size: a share of them below its mmap threshold, none above."""
+    return CPU_ALLOCATOR_CACHE * live_bytes if buffer_bytes < GLIBC_MMAP_THRESHOLD_MAX else 0.0
 
 
 def capacity_mib(setup: Setup) -> float:

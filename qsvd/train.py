@@ -7,6 +7,7 @@ scheduler, RNG and trainer state), which `checkpoints.SealCheckpoints` seals and
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (PreTrainedModel, PreTrainedTokenizerBase, ProgressCallback, Trainer, TrainerCallback,
                           TrainingArguments)
 from transformers.integrations import TensorBoardCallback
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
@@ -42,6 +44,7 @@ class TrainOutcome:
 
 
 CHECKPOINTING = {"use_reentrant": False}
+TRIMMED_BLOCK_WEIGHTS = 20_000_000  # stored elements (4-bit: two weights each): TinyLlama-1.1B's blocks hold 22M, SmolLM2-135M's 2M
 
 
 def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtype) -> TrainingArguments:
@@ -152,6 +155,24 @@ class SupervisedTokensTrainer(Trainer):
         return loss
 
 
+@contextmanager
+def freed_after_each_block(model: PreTrainedModel):
+    """On a CPU, hand the freed heap back to the OS after each large decoder block's forward (and
+    its recompute in backward). glibc keeps a block's freed working set otherwise, block after
+    block: on a 7B model 70 MB a block, 2 GB over a step that gradient checkpointing meant to free.
+    The pages come back as page faults in the next block: 10-15% of a step for SmolLM2's 4M-weight
+    blocks, nothing to speak of for the blocks of `TRIMMED_BLOCK_WEIGHTS` and more."""
+    blocks = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)
+              and sum(p.numel() for p in module.parameters()) >= TRIMMED_BLOCK_WEIGHTS]
+    hooks = [block.register_forward_hook(lambda *_: return_freed_memory())
+             for block in (blocks if model.device.type == "cpu" else [])]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,
           config: FinetuneConfig, work_dir: Path, checkpoints: Path | None = None, resume_from: Path | None = None,
           trainer_class: type[Trainer] = SupervisedTokensTrainer, logs: Path | None = None) -> TrainOutcome:
@@ -174,7 +195,8 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     reset_peak_memory(model.device)
     start = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with freed_after_each_block(model):
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except BaseException:
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, ProgressCallback) and callback.training_bar is not None:

@@ -23,11 +23,12 @@ import time
 from pathlib import Path
 
 from init_memory import SHAPES
-from llama7b_memory import VOCAB, write_random_llama
+from seven_b import write_random_llama
 
 from qsvd.memory import status_mb
 
 SMALL_SHARDS = "256MB"
+VOCAB = 49152  # SmolLM2's, as in the figures in the README
 
 
 def parameter_count(model: Path) -> int:

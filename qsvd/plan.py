@@ -9,10 +9,9 @@ target layers' shapes are exact for any architecture. The parts, in bytes:
   tensors of 4096 elements or more, 8 below (bitsandbytes' min_8bit_size), AdamW 8;
 - activations: each decoder block's input kept for the backward pass, plus one block's working
   set (recomputed under gradient checkpointing, else kept for every block; on a CPU with the
-  attention scores, which GPU kernels never hold whole), the largest quantized layer's weight
-  dequantized for its matmul, plus one chunk of the supervised tokens'
-  logits in fp32 with their gradient (`loss.chunk_tokens`; all of them for a model whose logits
-  are not lm_head(hidden));
+  attention scores, which GPU kernels never hold whole) and the largest quantized layer's weight
+  dequantized for its matmul; plus one chunk of the supervised tokens' logits in fp32 with their
+  gradient (`loss.chunk_tokens`; all of them for a model whose logits are not lm_head(hidden));
 - the split's workspace while the model is prepared: a few fp32 copies of the largest layer, and
   one shard of the prepared model serialized in memory as it is written; `finetune` holds the
   prepared model beside it ("preparation total"), `qsvd init` streams it to disk ("init total");
@@ -138,7 +137,7 @@ def budget(setup: Setup) -> dict[str, float]:
     model = model_from_config(model_config(setup.model, setup.revision), setup.model)
     config = model.config
     model.tie_weights()
-    spec = make_spec(setup.method, setup.rank, bits=setup.bits)
+    spec = make_spec(setup.method, setup.rank, bits=setup.bits, dtype=setup.dtype)
     linears = find_targets(model, setup.targets)
     on_gpu = setup.gpu is not None
     dtype_bytes = 4 if setup.compute_dtype == "fp32" else 2

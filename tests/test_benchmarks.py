@@ -18,9 +18,19 @@ def last_json_line(args, tmp_path):
 
 
 @pytest.mark.slow
-def test_llama7b_memory_runs_on_a_small_shape(tmp_path):
-    figures = last_json_line([BENCHMARKS / "llama7b_memory.py", "--shape", "tiny", "--steps", 2], tmp_path)
-    assert figures["shape"] == "tiny" and figures["train_peak_mb"] > 0 and figures["median_step_s"] > 0
+def test_seven_b_runs_every_phase_on_a_small_shape_and_resumes(tmp_path):
+    figures = last_json_line([BENCHMARKS / "seven_b.py", "--shape", "tiny"], tmp_path)
+    assert figures["shape"] == "tiny" and all(figures[f"{phase}_peak_mb"] > 0 for phase in ("init", "train", "export"))
+    assert (tmp_path / "merged" / "config.json").is_file() and figures["plan_error_max"] >= 0
+    again = last_json_line([BENCHMARKS / "seven_b.py", "--shape", "tiny"], tmp_path)  # every phase measured before
+    measured = [f"{phase}_{what}" for phase in ("init", "train", "export") for what in ("peak_mb", "s")]
+    assert [again[key] for key in measured] == [figures[key] for key in measured]
+
+
+@pytest.mark.slow
+def test_chunked_loss_holds_less_of_the_logits(tmp_path):
+    figures = last_json_line([BENCHMARKS / "chunked_loss.py", "--seq-len", "1024"], tmp_path)
+    assert figures["chunk_tokens"] == 261 and figures["whole_logits_mb"] > figures["chunked_logits_mb"]
 
 
 @pytest.mark.slow

@@ -47,6 +47,13 @@ def test_plan_holds_one_chunk_of_logits_unless_the_model_changes_its_logits(tmp_
     assert budget(Setup(model=str(tmp_path), batch_size=1, seq_len=2048))["logits"] == 2 * 2048 * 1000 * 4
 
 
+def test_plan_takes_the_compute_dtype():
+    fp32, bf16 = (budget(Setup(model="llama-7b", dtype=dtype)) for dtype in ("auto", "bf16"))
+    assert bf16["other weights"] * 2 == fp32["other weights"] and bf16["frozen targets"] == fp32["frozen targets"]
+    result = CliRunner().invoke(cli, ["plan", "--model", "llama-7b", "--gpu", "t4", "--dtype", "fp32"])
+    assert result.exit_code == 0 and "compute fp32" in result.output, result.output
+
+
 def test_plan_needs_only_config_json(tiny_model_dir, tmp_path):
     only_config = tmp_path / "config-only"
     only_config.mkdir()

@@ -94,12 +94,11 @@ def full_rows(tokenizer, seq_len: int, path, rows: int = 16) -> None:
 
 
 @pytest.mark.parametrize("method, batch_size, seq_len", [
-    ("edora", 2, 128), ("loraxs", 2, 512), pytest.param("milora", 2, 256, marks=pytest.mark.slow)])
+    ("edora", 2, 128), ("loraxs", 1, 512), pytest.param("milora", 2, 256, marks=pytest.mark.slow)])
 def test_plan_is_the_measured_peak_of_a_real_run_within_15_percent(method, batch_size, seq_len, model_cache, tmp_path,
                                                                    monkeypatch):
     """SmolLM2-135M on this CPU: a 2-step run and the plan, each in a fresh process; the run
-    prepares its model afresh (its own cache, sharing only the converted model). At 2 × 512 tokens
-    the loss takes the logits in two chunks of 682 tokens."""
+    prepares its model afresh (its own cache, sharing only the converted model)."""
     monkeypatch.setenv("QSVD_CACHE", str(model_cache))
     tokenizer = load_tokenizer(resolve_model("smollm2-135m"))  # converts the GGUF once, outside the measured run
     full_rows(tokenizer, seq_len, tmp_path / "rows.jsonl")

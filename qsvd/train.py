@@ -157,11 +157,12 @@ class SupervisedTokensTrainer(Trainer):
 
 @contextmanager
 def freed_after_each_block(model: PreTrainedModel):
-    """On a CPU, hand the freed heap back to the OS after each large decoder block's forward (and
-    its recompute in backward). glibc keeps a block's freed working set otherwise, block after
-    block: on a 7B model 70 MB a block, 2 GB over a step that gradient checkpointing meant to free.
-    The pages come back as page faults in the next block: 10-15% of a step for SmolLM2's 4M-weight
-    blocks, nothing to speak of for the blocks of `TRIMMED_BLOCK_WEIGHTS` and more."""
+    """On a CPU, hand the freed heap back to the OS after each large decoder block's forward. glibc
+    keeps a block's freed working set otherwise, block after block: on a 7B model 70 MB a block,
+    2 GB over a forward that gradient checkpointing meant to keep small. (The recompute in backward
+    runs inside transformers' checkpointed forward, past module hooks; there the working set is
+    reused, not piled up.) The pages come back as page faults in the next block: 10-15% of a step
+    for SmolLM2's 4M-weight blocks, nothing to speak of for the blocks of `TRIMMED_BLOCK_WEIGHTS`."""
     blocks = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)
               and sum(p.numel() for p in module.parameters()) >= TRIMMED_BLOCK_WEIGHTS]
     hooks = [block.register_forward_hook(lambda *_: return_freed_memory())

@@ -10,7 +10,7 @@ from .config import FinetuneConfig
 from .errors import QSVDError
 from .evaluate import TASKS
 from .evaluate import evaluate as run_evaluate
-from .export import BASES, FORMATS
+from .export import BASES, FORMATS, SHARD_SIZE
 from .export import export as run_export
 from .finetune import check_inputs
 from .finetune import finetune as run_finetune
@@ -19,7 +19,7 @@ from .launch import launched, relaunch, without_option
 from .methods import METHODS
 from .plan import GPUS_MIB
 from .plan import plan as run_plan
-from .split import DTYPES
+from .split import COMPUTE_DTYPES, DTYPES
 
 
 MODEL_HELP = ("A hub id ORG/NAME, an alias (smollm2-135m, the default; llama-7b, llama2-7b, llama3-8b, mistral-7b, "
@@ -48,7 +48,7 @@ def split_options(command):
         click.option("--targets", help="Comma-separated layer names, e.g. q_proj,v_proj (default: all linear layers of the decoder blocks)."),
         click.option("--refine-iters", type=int, help="pissa: quantization-aware refinement iterations (default 0)."),
         click.option("--svd-niter", type=int, help="Top-r SVD (pissa, loraxs, edora, lorasb): randomized, with this many power iterations (default: exact)."),
-        click.option("--dtype", type=click.Choice(["auto", *DTYPES]),
+        click.option("--dtype", type=click.Choice(COMPUTE_DTYPES),
                      help="Compute dtype (default auto: fp32 on a CPU; on a GPU bf16 from compute capability 8.0, "
                           "else fp16 with loss scaling)."),
         click.option("--seed", type=int, help="Random seed (default 42)."),
@@ -145,7 +145,7 @@ def eval_(ctx: click.Context, target, **options) -> None:
 @click.option("--base", type=click.Choice(BASES), default="original", show_default=True,
               help="merged: merge into the original weights, or into deq(Q(W)), the weights the adapter was trained against.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16", show_default=True, help="merged: weight dtype.")
-@click.option("--shard-size", default="1GB", show_default=True, help="merged: largest safetensors shard; peak memory is about twice this plus one layer, whatever the model size.")
+@click.option("--shard-size", default=SHARD_SIZE, show_default=True, help="merged: largest safetensors shard; peak memory is about twice this plus one layer, whatever the model size.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export in --output.")
 @click.pass_context
 def export(ctx: click.Context, run_dir, format_, **options) -> None:
@@ -166,7 +166,7 @@ def export(ctx: click.Context, run_dir, format_, **options) -> None:
 @click.option("--no-gradient-checkpointing", "gradient_checkpointing", flag_value=False, default=True,
               help="Plan without gradient checkpointing.")
 @click.option("--gpu", type=click.Choice(list(GPUS_MIB)), help="Plan for this GPU (default: this machine's CPU and RAM).")
-@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default="auto", show_default=True,
               help="Compute dtype, as finetune's --dtype.")
 @click.pass_context
 def plan(ctx: click.Context, targets, **options) -> None:

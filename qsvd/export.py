@@ -37,6 +37,7 @@ from .split import DTYPES, find_targets
 FORMATS = ("peft", "merged")
 BASES = ("original", "dequantized")
 PEFT_WEIGHTS = "adapter_model.safetensors"
+SHARD_SIZE = "1GB"  # merged: the default largest shard
 
 
 @dataclass
@@ -233,7 +234,7 @@ def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, up
 
 
 def export(run_dir: str | Path, output: str | Path | None = None, format: str = "peft", base: str = "original",
-           dtype: str = "bf16", shard_size: str = "1GB", overwrite: bool = False) -> Path:
+           dtype: str = "bf16", shard_size: str = SHARD_SIZE, overwrite: bool = False) -> Path:
     """Export a run as `qsvd export` does; returns the export directory.
 
     Everything is checked before anything is written, and the directory appears in one rename.

@@ -8,7 +8,7 @@ supervised positions only and the output head runs over `chunk_tokens(V)` of the
 chunk's lm_head + cross-entropy under activation checkpointing: its logits are freed as soon as its
 loss is summed and recomputed in backward, so a step holds one chunk of logits (as torchtune's
 chunked cross-entropy and Liger's fused linear cross-entropy do, by recomputation rather than a
-fused kernel). A batch that fits in one chunk keeps today's single pass, without the recompute.
+fused kernel). A batch that fits in one chunk takes a single pass, without the recompute.
 """
 
 import torch

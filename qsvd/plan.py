@@ -30,9 +30,10 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from .config import check_positive
+from .config import check_positive, parse_size
 from .console import console
 from .errors import QSVDError
+from .export import SHARD_SIZE
 from .load import EMBEDDED_ALIAS, HUB_ALIASES, download_config, hub_repo, model_from_config, read_config, resolve_model
 from .loss import chunk_tokens, plain_logits
 from .memory import status_mb
@@ -48,7 +49,7 @@ CPU_SETUP_RESIDUE_MIB = 64  # heap left after loading and splitting, measured
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc maps larger buffers and unmaps them when freed: none kept
 SPLIT_COPIES = 4  # fp32 copies of the largest target while it is split (W, its factors, the residual, Q's input)
 MERGE_COPIES = 2  # fp32 copies of the largest target while its update is merged (W, B A)
-EXPORT_SHARD_BYTES = 2**30  # `qsvd export`'s default --shard-size
+EXPORT_SHARD_BYTES = parse_size(SHARD_SIZE, "--shard-size")  # `qsvd export`'s default
 ALIAS_CONFIGS = {  # the hub aliases' configs, so that a plan needs no download
     "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),

@@ -25,6 +25,7 @@ from .methods.lorasb import init_from_gradients
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPUTE_DTYPES = ("auto", *DTYPES)  # --dtype's choices
 
 
 def compute_dtype(device: torch.device, spec: AdapterSpec | None = None) -> torch.dtype:
@@ -133,8 +134,8 @@ def make_spec(method: str, rank: int, alpha: float | None = None, bits: int = 4,
     refine_iters = options.get("refine_iters", 0)
     if refine_iters < 0 or (refine_iters and method != "pissa"):
         raise QSVDError("--refine-iters takes a count ≥ 0 and applies to pissa only")
-    if options.get("dtype", "auto") not in ("auto", *DTYPES):
-        raise QSVDError(f"--dtype must be one of auto, {', '.join(DTYPES)}; got {options['dtype']!r}")
+    if options.get("dtype", "auto") not in COMPUTE_DTYPES:
+        raise QSVDError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {options['dtype']!r}")
     svd_niter = options.get("svd_niter")
     if svd_niter is not None and (svd_niter < 0 or not layer_cls.uses_top_svd):
         raise QSVDError(f"--svd-niter takes a count ≥ 0 and applies to the methods with a top-r SVD "

@@ -1,6 +1,7 @@
 """The run configuration: defaults, a YAML file, then CLI flags, in that order of precedence."""
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ class FinetuneConfig:
     task_type: str = "math"  # "math" or "commonsense": sets lorasb's default --grad-samples
     grad_samples: int | None = None  # lorasb: rows for the gradient estimate (default: 50 math, 170 commonsense)
     grad_mem_budget: str | None = None  # lorasb: e.g. "2GB" of gradients at a time (default: half the free memory)
-    grad_sketch: bool = False  # lorasb: one pass with a rank-(2r+1) sketch of each gradient instead
+    grad_sketch: bool = False
+    init_lr: float | None = None  # lorasb: η of the init step −η·sign(G) (default: lr / full fine-tuning's warm-up steps)  # lorasb: one pass with a rank-(2r+1) sketch of each gradient instead
     data: str | None = None  # a file, a save_to_disk directory or a hub id; default: built-in arithmetic problems
     data_config: str | None = None  # a hub dataset's configuration
     data_split: str | None = None  # a hub dataset's (or saved DatasetDict's) split; default train
@@ -95,7 +97,7 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         self.spec()  # checks method, bits, rank, alpha, dropout, core_init, refine_iters, svd_niter, dtype
-        positive = {"lr": self.lr, "batch-size": self.batch_size, "grad-accum": self.grad_accum,
+        positive = {"lr": self.lr, "init-lr": self.init_lr, "batch-size": self.batch_size, "grad-accum": self.grad_accum,
                     "seq-len": self.seq_len, "max-steps": self.max_steps, "epochs": self.epochs,
                     "grad-samples": self.grad_samples, "save-steps": self.save_steps, "max-rows": self.max_rows}
         check_positive(positive)
@@ -153,10 +155,10 @@ class FinetuneConfig:
 
 
 def check_positive(flags: dict[str, float | None]) -> None:
-    """Every given value of `flags` (flag name → value) must be above zero."""
+    """Every given value of `flags` (flag name → value) must be a finite number above zero."""
     for flag, value in flags.items():
-        if value is not None and value <= 0:
-            raise QSVDError(f"--{flag} must be positive, got {value}")
+        if value is not None and not 0 < value < math.inf:
+            raise QSVDError(f"--{flag} must be positive and finite, got {value}")
 
 
 def parse_size(text: str, flag: str) -> int:

@@ -6,10 +6,13 @@ Tasks:
   number), one of the row's options (answer1..answerN, true/false) for the LLM-Adapters format.
 - choice: every option k is scored by its log-likelihood Σ_t log p(y_t | prompt, y_<t) as the
   completion (the reference output with its answer replaced by option k); the highest wins.
+- nll: the mean negative log-likelihood per token of each row's reference answer, rendered and
+  masked as in training: Σ_rows NLL / Σ_rows tokens, a continuous measure far less noisy than
+  accuracy on a small model.
 - ppl: perplexity exp(Σ NLL / Σ tokens) of plain text, cut into windows of `seq_len` tokens.
 
-Accuracy comes with a 95% Wilson score interval, and every example's prediction is written to
-a JSONL file.
+Accuracy comes with a 95% Wilson score interval, the answer NLL with a bootstrap 95% interval
+over rows, and every example's prediction is written to a JSONL file.
 """
 
 import json
@@ -34,7 +37,8 @@ from .loss import row_log_likelihoods
 from .run import is_run, load_run
 from .split import quantized_model
 
-TASKS = ("gen", "choice", "ppl")
+TASKS = ("gen", "choice", "nll", "ppl")
+BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 2000, 0
 ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+)", re.IGNORECASE)
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -45,7 +49,9 @@ class EvalResult:
     examples: int
     correct: int | None = None  # gen, choice
     perplexity: float | None = None  # ppl
-    tokens: int | None = None  # ppl
+    tokens: int | None = None  # ppl, nll
+    nll: float | None = None  # nll: per token
+    nll_ci95: tuple[float, float] | None = None  # nll: bootstrap over rows
     predictions: str = ""
 
     @property
@@ -53,10 +59,14 @@ class EvalResult:
         return None if self.correct is None else self.correct / self.examples
 
     def summary(self) -> dict:
-        interval = wilson_interval(self.correct, self.examples) if self.correct is not None else None
+        interval = wilson_interval(self.correct, self.examples) if self.correct is not None else self.nll_ci95
         return asdict(self) | {"accuracy": self.accuracy, "ci95": interval}
 
     def line(self) -> str:
+        if self.task == "nll":
+            low, high = self.nll_ci95
+            return (f"answer NLL {self.nll:.4f} per token, 95% CI {low:.4f}–{high:.4f}, over {self.tokens:,} "
+                    f"tokens in {self.examples} rows | predictions: {self.predictions}")
         if self.task == "ppl":
             return (f"perplexity {self.perplexity:.3f} over {self.tokens:,} tokens in {self.examples} "
                     f"windows | predictions: {self.predictions}")
@@ -71,6 +81,18 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def bootstrap_interval(nll: list[float], tokens: list[int], samples: int = BOOTSTRAP_SAMPLES,
+                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """The 95% percentile bootstrap interval of Σ nll / Σ tokens, the rows resampled with
+    replacement. Given per-row differences of two models' NLL on the same rows, it is the paired
+    interval of the difference of their means."""
+    nll, tokens = torch.tensor(nll, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64)
+    rows = torch.randint(len(nll), (samples, len(nll)), generator=torch.Generator().manual_seed(seed))
+    means = nll[rows].sum(dim=1) / tokens[rows].sum(dim=1)
+    low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return low, high
 
 
 # -- answers ---------------------------------------------------------------------------------
@@ -120,7 +142,7 @@ def predicted_answer(text: str, gold: str, options: list[str] | None) -> str | N
     return text.strip().lower()
 
 
-# -- the three tasks ---------------------------------------------------------------------------
+# -- the four tasks ---------------------------------------------------------------------------
 
 @dataclass
 class Example:
@@ -260,6 +282,23 @@ def text_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     return results
 
 
+@torch.inference_mode()
+def answer_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: list[Example],
+                           batch_size: int) -> list[dict]:
+    """Each example's reference answer: its NLL Σ −log p over the answer tokens (the prompt masked,
+    as in training) and their count."""
+    rows = [tokenize(example.messages, tokenizer) for example in examples]
+    collate = collator(tokenizer)
+    results = [None] * len(rows)
+    for batch in track(by_length(rows, lambda row: len(row["input_ids"]), batch_size), description="answer NLL",
+                       console=console):
+        inputs = collate([rows[i] for i in batch])
+        sums, counts = row_log_likelihoods(model, {key: value.to(model.device) for key, value in inputs.items()})
+        for i, total, count in zip(batch, sums.tolist(), counts.tolist()):
+            results[i] = {"gold": examples[i].gold, "tokens": count, "nll": round(-total, 6)}
+    return results
+
+
 # -- running an evaluation -------------------------------------------------------------------
 
 def read_eval_rows(path: str | Path, flag: str = "--data", config: str | None = None,
@@ -309,19 +348,26 @@ def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
         if task == "ppl":
             results = text_log_likelihoods(model, tokenizer, rows["text"], seq_len, batch_size)
         else:
-            examples = examples_from(rows, source)
-            results = (generate_answers(model, tokenizer, examples, batch_size, max_new_tokens) if task == "gen"
-                       else choose_answers(model, tokenizer, examples, batch_size))
+            scorers = {"gen": lambda examples: generate_answers(model, tokenizer, examples, batch_size, max_new_tokens),
+                       "choice": lambda examples: choose_answers(model, tokenizer, examples, batch_size),
+                       "nll": lambda examples: answer_log_likelihoods(model, tokenizer, examples, batch_size)}
+            results = scorers[task](examples_from(rows, source))
     finally:
         model.train(was_training)
-    if task != "ppl":
+    if task in ("gen", "choice"):
         for result in results:
             result["correct"] = result["prediction"] is not None and same_answer(result["prediction"], result["gold"])
     write_jsonl(Path(predictions), [{"index": i, **result} for i, result in enumerate(results)])
-    if task == "ppl":
-        tokens = sum(r["tokens"] for r in results)
-        return EvalResult(task, len(results), perplexity=math.exp(sum(r["nll"] for r in results) / tokens),
-                          tokens=tokens, predictions=str(predictions))
+    if task in ("nll", "ppl"):
+        nll, tokens = [r["nll"] for r in results], [r["tokens"] for r in results]
+        if not sum(tokens):
+            raise QSVDError(f"{source} has no answer tokens to score")
+        mean = sum(nll) / sum(tokens)
+        if task == "ppl":
+            return EvalResult(task, len(results), perplexity=math.exp(mean), tokens=sum(tokens),
+                              predictions=str(predictions))
+        return EvalResult(task, len(results), tokens=sum(tokens), nll=mean, nll_ci95=bootstrap_interval(nll, tokens),
+                          predictions=str(predictions))
     return EvalResult(task, len(results), correct=sum(r["correct"] for r in results), predictions=str(predictions))
 
 

@@ -83,14 +83,7 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
         model, prepared = obtain(files, config.spec(), config.targets, config.seed,
                                  trust_remote_code=config.trust_remote_code)
     if METHODS[config.method].needs_gradient_init and resume_from is None:  # a checkpoint holds the init
-        if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
-        batches = first_batches(dataset, tokenizer, config.gradient_samples, config.batch_size, config.seed)
-        with out_of_memory_advice("estimating lorasb's gradients", "--grad-mem-budget 1GB, --grad-sketch, "
-                                  "or fewer --grad-samples"):
-            init_from_gradients(model, adapter_layers(model), batches,
-                                first_step_lr(config, len(dataset), state.num_processes),
-                                config.grad_budget_bytes, config.grad_sketch)
+        init_lorasb(model, dataset, tokenizer, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # 4. train, checkpointing into the work dir beside --output; 5. publish the run in one rename
@@ -134,6 +127,17 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
                          outcome.peak_memory_mb)
     console.print(summary.line())
     return summary
+
+
+def init_lorasb(model: nn.Module, dataset, tokenizer, config: FinetuneConfig) -> None:
+    """LoRA-SB's factors from the gradients of the first --grad-samples rows, at η = `first_step_lr`."""
+    if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
+    batches = first_batches(dataset, tokenizer, config.gradient_samples, config.batch_size, config.seed)
+    with out_of_memory_advice("estimating lorasb's gradients", "--grad-mem-budget 1GB, --grad-sketch, "
+                              "or fewer --grad-samples"):
+        init_from_gradients(model, adapter_layers(model), batches, first_step_lr(config, len(dataset)),
+                            config.grad_budget_bytes, config.grad_sketch)
 
 
 class Inputs(NamedTuple):

@@ -66,7 +66,7 @@ def plot_losses(path: Path, log_history: list[dict], evals: dict[str, dict]) -> 
         scores = axes.twinx()
         last = steps[-1][0] if steps else 0
         for name, result in evals.items():
-            metric = "perplexity" if result["task"] == "ppl" else "accuracy"
+            metric = {"ppl": "perplexity", "nll": "nll"}.get(result["task"], "accuracy")
             scores.plot([last], [result[metric]], "o", label=f"{name}: {metric} {result[metric]:.4g}")
         scores.set_ylabel("eval score")
         scores.legend(loc="upper right")

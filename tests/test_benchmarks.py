@@ -44,8 +44,12 @@ def test_train_step_quick_reports_the_ratios(tmp_path):
 def test_quality_quick_scores_every_method(tmp_path):
     figures = last_json_line([BENCHMARKS / "quality.py", "--quick"], tmp_path)
     for name in ["base", "milora", "edora", "lorasb", "loraxs", "pissa", "qlora"]:
-        assert 0 <= figures[f"gsm8k_{name}_acc"] <= 1, name
-    assert (tmp_path / "quality.md").is_file() and (tmp_path / "quality.png").is_file()
+        assert 0 <= figures[f"arc_easy_{name}_acc"] <= 1, name
+        low, high = figures[f"arc_easy_{name}_dev_nll_ci95"]
+        assert 0 < low <= figures[f"arc_easy_{name}_dev_nll"] <= high, name
+    assert {"arc_easy_milora_dretention", "arc_easy_verdict_milora_forgets_less"} <= set(figures)
+    report = (tmp_path / "quality.md").read_text()
+    assert "Learning rates" in report and "| claim | verdict |" in report and (tmp_path / "quality.png").is_file()
 
 
 @pytest.mark.slow
@@ -62,22 +66,72 @@ def test_export_fidelity_quick_compares_every_export(tmp_path):
         assert figures[f"{method}_dequantized_kl_ratio"] < 0.05 < figures[f"{method}_peft_kl_ratio"]
 
 
-def test_quality_report_writes_table_plot_and_summary(tmp_path):
+def quality_run(lr, trainable, dev_nll, general_nll, accuracy, seed):
+    """A run's figures as quality.py's child reports them: 40 dev rows of 10 answer tokens and 20
+    general-text windows of 100 tokens, each row's NLL per token `dev_nll` (`general_nll`) ± noise."""
+    import random
+
+    rng = random.Random(seed)
+    dev = [10 * (dev_nll + rng.uniform(-0.05, 0.05)) for _ in range(40)]
+    general = [100 * (general_nll + rng.uniform(-0.005, 0.005)) for _ in range(20)]
+    mean = sum(dev) / 400
+    return dict(lr=lr, trainable=trainable, final_loss=dev_nll, train_s=60.0, correct=round(40 * accuracy),
+                examples=40, accuracy=accuracy, acc_ci95=[accuracy - 0.1, accuracy + 0.1],
+                curve=[{"step": 0, "nll": 3.0, "ci95": [2.9, 3.1]}, {"step": 8, "nll": mean, "ci95": [mean - 0.03, mean + 0.03]}],
+                dev_rows={"nll": dev, "tokens": [10] * 40}, general_rows={"nll": general, "tokens": [100] * 20})
+
+
+def test_quality_report_writes_tables_plots_verdicts_and_summary(tmp_path):
     sys.path.insert(0, str(BENCHMARKS))
     quality = importlib.import_module("quality")
-    run = dict(lr=None, trainable=0, final_loss=None, train_s=0.0, correct=40, examples=100, accuracy=0.4,
-               ci95=[0.309, 0.498], perplexity=20.0)
-    results = {"boolq": {"base": run,
-                         "milora": run | dict(lr=3e-4, trainable=4_884_480, final_loss=0.5, train_s=61.0, correct=55,
-                                              accuracy=0.55, ci95=[0.452, 0.644], perplexity=21.5),
-                         "qlora": run | dict(lr=2e-4, trainable=4_884_480, final_loss=0.6, train_s=70.0, correct=50,
-                                             accuracy=0.5, ci95=[0.404, 0.596], perplexity=20.25)}}
-    summary = quality.write_report(results, quality.BUDGETS["full"], tmp_path)
-    assert summary == {"boolq_base_acc": 0.4, "boolq_milora_acc": 0.55, "boolq_milora_dppl": 1.5,
-                       "boolq_qlora_acc": 0.5, "boolq_qlora_dppl": 0.25}
-    table = (tmp_path / "quality.md").read_text()
-    assert "| milora | 0.0003 | 4,884,480 | 55.0% | 45.2–64.4% | +15.0 | 21.500 | +1.500 | 0.5000 | 61 |" in table
-    assert "| PEFT QLoRA | 0.0002 | 4,884,480 | 50.0% | 40.4–59.6% | +10.0 | 20.250 | +0.250 | 0.6000 | 70 |" in table
-    assert "| base | – | 0 | 40.0% | 30.9–49.8% | – | 20.000 | – | – | 0 |" in table
+    base = quality_run(None, 0, 3.0, 2.0, 0.3, seed=0)
+    base["curve"] = base["curve"][1:]
+    results = {"arc_easy": {"base": base,
+                            "qlora": quality_run(2e-4, 4_884_480, 1.0, 2.1, 0.5, seed=1),
+                            "milora": quality_run(3e-4, 4_884_480, 0.98, 2.05, 0.55, seed=2),  # learns as well, forgets less
+                            "edora": quality_run(2e-3, 209_280, 1.5, 2.0, 0.4, seed=3),  # learns 25% less: fails
+                            "lorasb": quality_run(4e-3, 53_760, 1.1, 2.0, 0.45, seed=4)}}  # 5% less: within 10%
+    grids = {"arc_easy": {"qlora": {1e-4: 1.2, 2e-4: 1.1, 4e-4: 1.3}, "milora": {1.5e-4: 1.3, 3e-4: 1.1, 6e-4: 1.2},
+                          "edora": {1e-3: 1.6, 2e-3: 1.5, 4e-3: 1.7}, "lorasb": {1e-3: 1.3, 2e-3: 1.2, 4e-3: 1.1}}}
+    summary = quality.write_report(results, grids, quality.BUDGETS["full"], tmp_path)
+    for name, figures in results["arc_easy"].items():
+        assert summary[f"arc_easy_{name}_dev_nll"] == pytest.approx(sum(figures["dev_rows"]["nll"]) / 400, abs=1e-4)
+        assert summary[f"arc_easy_{name}_acc"] == figures["accuracy"]
+        assert len(summary[f"arc_easy_{name}_dev_nll_ci95"]) == 2
+    assert summary["arc_easy_qlora_dretention"] == pytest.approx(0.1, abs=2e-3)
+    assert summary["arc_easy_milora_dretention"] == pytest.approx(0.05, abs=2e-3)
+    assert summary["arc_easy_signal"] == pytest.approx(2.0 / 0.03, rel=0.02)
+    assert {key: summary[f"arc_easy_verdict_{key}"] for key in ("milora_learns", "milora_forgets_less",
+                                                                 "edora_matches", "lorasb_matches")} == {
+        "milora_learns": "holds", "milora_forgets_less": "holds", "edora_matches": "fails", "lorasb_matches": "holds"}
+    report = (tmp_path / "quality.md").read_text()
+    assert "| PEFT QLoRA | 0.0001: 1.2000 | **0.0002: 1.1000** | 0.0004: 1.3000 |" in report
+    assert "| lorasb | 0.001: 1.3000 | 0.002: 1.2000 | **0.004: 1.1000** |" in report
+    assert "| MiLoRA forgets less than LoRA | **holds** | -0.04" in report
+    assert "| EDoRA matches LoRA with 20-90x fewer trainable parameters | **fails** | +0.5" in report
+    assert "23.3× |" in report  # QLoRA's trainable parameters over EDoRA's
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "quality.json").read_text())["results"] == results
+
+
+def test_quality_verdict_is_cannot_tell_inside_the_noise():
+    sys.path.insert(0, str(BENCHMARKS))
+    quality = importlib.import_module("quality")
+    runs = {"base": quality_run(None, 0, 3.0, 2.0, 0.3, seed=0), "qlora": quality_run(2e-4, 10, 1.0, 2.1, 0.5, seed=1),
+            "milora": quality_run(3e-4, 10, 1.0, 2.1, 0.5, seed=2)}
+    for run in runs.values():  # noise far above the differences
+        run["dev_rows"]["nll"] = [nll * (0.5 + i % 2) for i, nll in enumerate(run["dev_rows"]["nll"])]
+        run["general_rows"]["nll"] = [nll * (0.5 + (i + 1) % 2) for i, nll in enumerate(run["general_rows"]["nll"])]
+    runs["milora"]["dev_rows"]["nll"] = runs["milora"]["dev_rows"]["nll"][::-1]
+    runs["milora"]["general_rows"]["nll"] = runs["milora"]["general_rows"]["nll"][::-1]
+    assert {row["id"]: row["verdict"] for row in quality.verdicts(runs)} == {
+        "milora_learns": "cannot tell", "milora_forgets_less": "cannot tell"}
+
+
+def test_quality_claims_cannot_be_told_when_qlora_learned_nothing():
+    sys.path.insert(0, str(BENCHMARKS))
+    quality = importlib.import_module("quality")
+    runs = {"base": quality_run(None, 0, 3.0, 2.0, 0.3, seed=0), "qlora": quality_run(2e-4, 10, 2.99, 2.1, 0.5, seed=1),
+            "milora": quality_run(3e-4, 10, 1.0, 1.9, 0.5, seed=2)}  # clearly better on both, but against nothing
+    assert quality.signal(runs) < quality.MIN_SIGNAL
+    assert {row["verdict"] for row in quality.verdicts(runs)} == {"cannot tell"}

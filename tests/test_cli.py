@@ -116,6 +116,9 @@ BAD_FLAGS = [
     (["--method", "lorasb", "--grad-mem-budget", "lots"], "--grad-mem-budget must be a positive size such as 512MB"),
     (["--method", "lorasb", "--grad-mem-budget", "0GB"], "--grad-mem-budget must be a positive size"),
     (["--method", "lorasb", "--grad-samples", 0], "--grad-samples must be positive"),
+    (["--method", "lorasb", "--init-lr", 0], "--init-lr must be positive and finite, got 0.0"),
+    (["--method", "lorasb", "--init-lr", "nan"], "--init-lr must be positive and finite, got nan"),
+    (["--lr", "inf"], "--lr must be positive and finite, got inf"),
 ]
 
 

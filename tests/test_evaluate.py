@@ -1,4 +1,4 @@
-"""`qsvd eval`: answer extraction, the three tasks against direct computations, the CLI and
+"""`qsvd eval`: answer extraction, the four tasks against direct computations, the CLI and
 `finetune --eval-data`."""
 
 import json
@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import char_tokenizer, tiny_model
 from qsvd.cli import cli
 from qsvd.data import IGNORE_INDEX, tokenize
-from qsvd.evaluate import (Example, choose_answers, evaluate_model, examples_from, extract_number, extract_option,
+from qsvd.evaluate import (Example, bootstrap_interval, choose_answers, evaluate_model, examples_from, extract_number, extract_option,
                            generate_answers, option_log_likelihoods, option_sequences, wilson_interval)
 
 ARC_ROW = {"instruction": "Please choose the correct answer to the question: Which is a gas?\n\n"
@@ -111,6 +111,39 @@ def test_perplexity_matches_a_hand_computation(tmp_path):
     assert sum(line["tokens"] for line in lines) == count
 
 
+def test_answer_nll_is_the_mean_over_reference_tokens_with_a_bootstrap_interval(tmp_path):
+    model, tokenizer = tiny_model(), char_tokenizer()
+    rows = [ARC_ROW, BOOLQ_ROW, {**ARC_ROW, "instruction": "A longer question, to pad the batch: " + ARC_ROW["instruction"]},
+            GSM_ROW]
+    result = evaluate_model(model, tokenizer, datasets.Dataset.from_list(rows), "nll", tmp_path / "nll.jsonl",
+                            batch_size=3)
+    sequences = [tokenize(example.messages, tokenizer) for example in examples_from(datasets.Dataset.from_list(rows), "t")]
+    with torch.no_grad():
+        nll = [-full_log_likelihood(model, sequence) for sequence in sequences]
+    counts = [sum(label != IGNORE_INDEX for label in sequence["labels"][1:]) for sequence in sequences]
+    assert counts[0] == len(tokenizer("the correct answer is answer2</s>", add_special_tokens=False)["input_ids"])
+    lines = [json.loads(line) for line in (tmp_path / "nll.jsonl").read_text().splitlines()]
+    assert [line["tokens"] for line in lines] == counts and result.tokens == sum(counts)
+    assert [line["nll"] for line in lines] == pytest.approx(nll, rel=1e-5)
+    assert result.nll == pytest.approx(sum(nll) / sum(counts), rel=1e-5)
+    low, high = result.nll_ci95
+    assert low < result.nll < high and result.summary()["ci95"] == (low, high)
+    assert result.accuracy is None and "answer NLL" in result.line()
+
+
+def test_bootstrap_interval_of_a_mean_per_token():
+    assert bootstrap_interval([6.0] * 5, [3] * 5) == (2.0, 2.0)  # every resample has the same mean
+    rng = torch.Generator().manual_seed(1)
+    tokens = torch.randint(5, 30, (400,), generator=rng)
+    nll = tokens * (2.0 + torch.randn(400, generator=rng))  # rows of mean 2 and sd 1 a token-row
+    low, high = bootstrap_interval(nll.tolist(), tokens.tolist())
+    mean = (nll.sum() / tokens.sum()).item()
+    assert low < mean < high and 0.05 < high - low < 0.4  # ≈ 2 · 1.96 · σ / √n
+    assert bootstrap_interval(nll.tolist(), tokens.tolist()) == (low, high)  # seeded
+    low_few, high_few = bootstrap_interval(nll[:40].tolist(), tokens[:40].tolist())
+    assert high_few - low_few > 2 * (high - low)  # 10× fewer rows: about √10 as wide
+
+
 def test_batched_generation_equals_one_prompt_at_a_time():
     model, tokenizer = tiny_model(seed=3), char_tokenizer()  # a seed whose text depends on the prompt
     examples = [Example([{"role": "user", "content": q}, {"role": "assistant", "content": "#### 7"}], "7", None)
@@ -145,6 +178,7 @@ def test_eval_cli_on_a_plain_model_writes_predictions(tiny_model_dir, tmp_path):
     ([GSM_ROW], ["--task", "choice"], "--task choice needs answer options"),
     ([GSM_ROW], ["--task", "ppl"], "--task ppl needs a 'text' field"),
     ([{"text": "plain"}], ["--task", "gen"], "holds plain text: it takes --task ppl"),
+    ([{"text": "plain"}], ["--task", "nll"], "holds plain text: it takes --task ppl, not nll"),
     ([{"prompt": "x"}], [], "its fields are: prompt"),
     ([GSM_ROW], ["--batch-size", "0"], "--batch-size must be positive"),
 ])
@@ -163,6 +197,16 @@ def test_eval_of_a_missing_file_or_model(tiny_model_dir, tmp_path):
     assert result.exit_code == 2 and "no such file or directory" in result.output
 
 
+def test_eval_cli_answer_nll_of_a_plain_model(tiny_model_dir, tmp_path):
+    data = write_rows(tmp_path / "arc.jsonl", [ARC_ROW, BOOLQ_ROW, GSM_ROW])
+    result = CliRunner().invoke(cli, ["eval", str(tiny_model_dir), "--data", str(data), "--task", "nll",
+                                      "--predictions", str(tmp_path / "nll.jsonl")])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in (tmp_path / "nll.jsonl").read_text().splitlines()]
+    mean = sum(line["nll"] for line in lines) / sum(line["tokens"] for line in lines)
+    assert f"answer NLL {mean:.4f} per token, 95% CI" in result.output and "in 3 rows" in result.output
+
+
 def test_finetune_eval_data_records_scores_in_the_run(tiny_model_dir, tmp_path):
     choice = write_rows(tmp_path / "dev.jsonl", [ARC_ROW, BOOLQ_ROW])
     text = tmp_path / "general.txt"
@@ -173,6 +217,8 @@ def test_finetune_eval_data_records_scores_in_the_run(tiny_model_dir, tmp_path):
                                       "--eval-data", str(choice), "--eval-data", str(text)])
     assert result.exit_code == 0, result.output
     record = json.loads((output / "qsvd_config.json").read_text())
+    result = CliRunner().invoke(cli, ["eval", str(output), "--data", str(choice), "--task", "nll"])
+    assert result.exit_code == 0 and (output / "eval-dev-nll.jsonl").is_file(), result.output
     assert record["eval"]["dev"]["task"] == "choice" and record["eval"]["dev"]["examples"] == 2
     assert record["eval"]["general"]["task"] == "ppl" and record["eval"]["general"]["perplexity"] > 1
     assert len((output / "eval-dev-choice.jsonl").read_text().splitlines()) == 2

@@ -129,3 +129,20 @@ def test_large_blocks_hand_their_freed_memory_back_after_each_forward(threshold,
     train(model, tokenizer, build_dataset(None, tokenizer, config.seq_len, config.seed), config, tmp_path)
     assert calls.count(False) == trims  # beside the one full pass (collect=True) before training
     assert not any(block._forward_hooks for block in model.model.layers)
+
+
+def test_lorasb_init_lr_is_full_fine_tunings_first_step():
+    """η = lr / (warmup_ratio · batches of the whole data at the estimate's batch size · epochs),
+    whatever --max-steps; --init-lr sets it; without a warm-up it is the lr itself."""
+    from qsvd.train import first_step_lr
+
+    config = FinetuneConfig.resolve(method="lorasb", lr=2e-3, warmup_ratio=0.02, batch_size=10)
+    assert first_step_lr(config, 170_000) == pytest.approx(2e-3 / (0.02 * 17_000))
+    assert first_step_lr(FinetuneConfig.resolve(method="lorasb", lr=2e-3, warmup_ratio=0.02, batch_size=10,
+                                                epochs=2), 170_000) == pytest.approx(2e-3 / (0.02 * 34_000))
+    for steps in (1, 16, 10_000):
+        short = FinetuneConfig.resolve(method="lorasb", lr=2e-3, batch_size=4, max_steps=steps)
+        assert first_step_lr(short, 2251) == pytest.approx(2e-3 / (0.03 * 563))
+    assert first_step_lr(FinetuneConfig.resolve(method="lorasb", lr=2e-3, warmup_ratio=0.0), 2251) == 2e-3
+    assert first_step_lr(FinetuneConfig.resolve(method="lorasb", lr=2e-3), 10) == 2e-3  # under one warm-up step
+    assert first_step_lr(FinetuneConfig.resolve(method="lorasb", init_lr=5e-6), 2251) == 5e-6

@@ -9,7 +9,7 @@ built the standard PEFT way, rank 16 on all seven projections. Each dataset's ro
 1. Learning rates: each run trains for a short budget at every rate of a grid around its default
    (× 0.5, 1, 2); the rate with the lowest answer NLL on the *validation* split is kept.
 2. At its rate, each run trains for the full budget; its dev answer NLL (`qsvd eval --task nll`,
-   with a bootstrap 95% interval over rows) is scored at the init and at four points along the way:
+   with a bootstrap 95% interval over rows) is scored at the init and at three points along the way:
    the learning curve. At the end: dev accuracy (`--task choice`, or `gen` for GSM8K) with its
    Wilson interval, and the NLL per token of a general-text sample (Python's reference
    documentation, from the standard library's pydoc_data), whose change from the 4-bit base is
@@ -50,13 +50,13 @@ DATASETS = {  # file under --data-dir, accuracy task, lorasb task type
     "boolq": ("boolq/train.json", "choice", "commonsense"),
     "gsm8k": ("gsm8k/train.jsonl", "gen", "math"),
 }
-BUDGETS = {  # sized for 2 CPU cores: the full run takes about 80 minutes there
-    "full": dict(datasets=["arc_easy"], steps=40, grid_steps=12, grid=[0.5, 1.0, 2.0], batch=8, seq_len=256,
-                 dev_rows=200, validation_rows=100, general_chars=24_000, max_new_tokens=160, grad_samples=None),
+BUDGETS = {  # sized for 2 CPU cores: the full run takes about 65 minutes there
+    "full": dict(datasets=["arc_easy"], steps=32, grid_steps=10, grid=[0.5, 1.0, 2.0], batch=8, seq_len=256,
+                 dev_rows=120, validation_rows=60, general_chars=16_000, max_new_tokens=160, grad_samples=64),
     "quick": dict(datasets=["arc_easy"], steps=3, grid_steps=2, grid=[1.0, 2.0], batch=2, seq_len=256,
                   dev_rows=8, validation_rows=4, general_chars=2_000, max_new_tokens=32, grad_samples=4),
 }
-CURVE_POINTS = 4  # dev NLL at the init and at every quarter of the steps
+CURVE_POINTS = 3  # dev NLL at the init and at every third of the steps
 MIN_SIGNAL = 5.0  # QLoRA's dev-NLL gain over the base, in half-widths of its interval
 MARGIN = 0.1  # "as well as QLoRA": dev NLL at most this share of QLoRA's gain above QLoRA's
 GENERAL_WINDOW = 128  # tokens a general-text window: the rows of the retention bootstrap
@@ -166,7 +166,7 @@ def run_child(args) -> dict:
         figures |= {"final_loss": outcome.final_loss, "train_s": outcome.seconds - (figures["eval_s"] - evals_before),
                     "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if args.final:
-        accuracy = evaluate_model(model, tokenizer, read_eval_rows(args.dev), args.task,
+        accuracy = evaluate_model(model, tokenizer, dev_rows, args.task,
                                   out / f"{args.name}-dev-{args.task}.jsonl", EVAL_BATCH, args.max_new_tokens)
         general = evaluate_model(model, tokenizer, read_eval_rows(args.general), "ppl",
                                  out / f"{args.name}-general.jsonl", EVAL_BATCH, seq_len=GENERAL_WINDOW)
@@ -281,7 +281,8 @@ def write_report(results: dict[str, dict[str, dict]], grids: dict[str, dict[str,
              f"tokens), rank {RANK} (alpha = rank) on {', '.join(TARGETS)}, paged 8-bit AdamW, linear schedule "
              f"with 3% warm-up, seed 42; its learning rate chosen from × {', '.join(f'{f:g}' for f in budget['grid'])} "
              f"its default by the answer NLL of {budget['validation_rows']} validation rows after "
-             f"{budget['grid_steps']} steps. Dev: {budget['dev_rows']} rows, never trained on or tuned on. "
+             f"{budget['grid_steps']} steps. LoRA-SB's gradient estimate: "
+             f"{budget['grad_samples'] or 'the task type default of 170 or 50'} rows. Dev: {budget['dev_rows']} rows, never trained on or tuned on. "
              f"Dev NLL: mean per token of the reference answer, bootstrap 95% interval over rows. Retention: "
              f"the change of general-text NLL per token against the 4-bit base (Python's reference "
              f"documentation, {GENERAL_WINDOW}-token windows); positive is forgetting.", ""]

@@ -134,10 +134,12 @@ def init_lorasb(model: nn.Module, dataset, tokenizer, config: FinetuneConfig) ->
     if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
     batches = first_batches(dataset, tokenizer, config.gradient_samples, config.batch_size, config.seed)
+    lr = first_step_lr(config, len(dataset))
+    console.print(f"lorasb: init step η = {lr:.3g}" + ("" if config.init_lr else
+                  f" (--lr {config.learning_rate:g} over full fine-tuning's warm-up; --init-lr sets it)"))
     with out_of_memory_advice("estimating lorasb's gradients", "--grad-mem-budget 1GB, --grad-sketch, "
                               "or fewer --grad-samples"):
-        init_from_gradients(model, adapter_layers(model), batches, first_step_lr(config, len(dataset)),
-                            config.grad_budget_bytes, config.grad_sketch)
+        init_from_gradients(model, adapter_layers(model), batches, lr, config.grad_budget_bytes, config.grad_sketch)
 
 
 class Inputs(NamedTuple):

@@ -230,7 +230,8 @@ def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha:
             device: torch.device | str | None = None, progress: bool = True) -> nn.Module:
     """Turn a loaded HF causal LM into a trainable qsvd model, in place.
 
-    lorasb also needs `grad_batches` (model inputs with labels) and the first step's `lr`;
+    lorasb also needs `grad_batches` (model inputs with labels) and `lr`, the η of its init step
+    −η·sign(G) (`qsvd finetune` takes full fine-tuning's first step, see `train.first_step_lr`);
     `grad_mem_budget` (bytes) and `grad_sketch` choose how its gradients are gathered.
     """
     spec = make_spec(method, rank, alpha, bits, dropout=dropout, core_init=core_init,

@@ -7,7 +7,8 @@ built the standard PEFT way, rank 16 on all seven projections. Each dataset's ro
 (seed DEV_SEED) into a dev split, a validation split and the training rows.
 
 1. Learning rates: each run trains for a short budget at every rate of a grid around its default
-   (× 0.5, 1, 2); the rate with the lowest answer NLL on the *validation* split is kept.
+   (× 0.5, 1, 2, extended while the best is at an edge); the rate with the lowest answer NLL on the
+   *validation* split is kept.
 2. At its rate, each run trains for the full budget; its dev answer NLL (`qsvd eval --task nll`,
    with a bootstrap 95% interval over rows) is scored at the init and at three points along the way:
    the learning curve. At the end: dev accuracy (`--task choice`, or `gen` for GSM8K) with its
@@ -56,6 +57,7 @@ BUDGETS = {  # sized for 2 CPU cores: the full run takes about 65 minutes there
     "quick": dict(datasets=["arc_easy"], steps=3, grid_steps=2, grid=[1.0, 2.0], batch=2, seq_len=256,
                   dev_rows=8, validation_rows=4, general_chars=2_000, max_new_tokens=32, grad_samples=4),
 }
+GRID_EXTENSIONS = 2  # a further halving or doubling of the rate where the grid's best is at its edge
 CURVE_POINTS = 3  # dev NLL at the init and at every third of the steps
 MIN_SIGNAL = 5.0  # QLoRA's dev-NLL gain over the base, in half-widths of its interval
 MARGIN = 0.1  # "as well as QLoRA": dev NLL at most this share of QLoRA's gain above QLoRA's
@@ -215,11 +217,21 @@ def default_lr(name: str, task_type: str) -> float:
 
 
 def best_rate(name: str, dataset: str, args, splits: dict, general: Path) -> tuple[float, dict[float, float]]:
-    """The grid's rate with the lowest validation answer NLL after the short budget, and every rate's NLL."""
+    """The rate with the lowest validation answer NLL after the short budget, and every rate's NLL:
+    the grid around the default, extended by halving or doubling (GRID_EXTENSIONS at most) while
+    the best is at its edge."""
     centre = default_lr(name, DATASETS[dataset][2])
-    scores = {centre * factor: measure(name, centre * factor, dataset, "validation", args, splits, general)
-              ["curve"][-1]["nll"] for factor in args.budget["grid"]}
-    return min(scores, key=scores.get), scores
+    scores = {}
+    rates = [centre * factor for factor in args.budget["grid"]]
+    for _ in range(GRID_EXTENSIONS + 1):
+        for lr in rates:
+            if lr not in scores:
+                scores[lr] = measure(name, lr, dataset, "validation", args, splits, general)["curve"][-1]["nll"]
+        best = min(scores, key=scores.get)
+        if best not in (min(scores), max(scores)):
+            break
+        rates = [best / 2 if best == min(scores) else best * 2]
+    return min(scores, key=scores.get), dict(sorted(scores.items()))
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -280,7 +292,7 @@ def write_report(results: dict[str, dict[str, dict]], grids: dict[str, dict[str,
              f"Every run: {budget['steps']} steps at batch {budget['batch']} (rows of at most {budget['seq_len']} "
              f"tokens), rank {RANK} (alpha = rank) on {', '.join(TARGETS)}, paged 8-bit AdamW, linear schedule "
              f"with 3% warm-up, seed 42; its learning rate chosen from × {', '.join(f'{f:g}' for f in budget['grid'])} "
-             f"its default by the answer NLL of {budget['validation_rows']} validation rows after "
+             f"its default (extended while the best is at an edge) by the answer NLL of {budget['validation_rows']} validation rows after "
              f"{budget['grid_steps']} steps. LoRA-SB's gradient estimate: "
              f"{budget['grad_samples'] or 'the task type default of 170 or 50'} rows. Dev: {budget['dev_rows']} rows, never trained on or tuned on. "
              f"Dev NLL: mean per token of the reference answer, bootstrap 95% interval over rows. Retention: "
@@ -290,12 +302,11 @@ def write_report(results: dict[str, dict[str, dict]], grids: dict[str, dict[str,
     for dataset, runs in results.items():
         base = runs["base"]
         lines += [f"## {dataset}", "", "Learning rates (validation answer NLL after the short budget; chosen in bold):",
-                  "", "| run | " + " | ".join(f"× {f:g}" for f in budget["grid"]) + " |",
-                  "|---|" + "---|" * len(budget["grid"])]
+                  "", "| run | rate: validation NLL, lowest rate first |", "|---|---|"]
         for name, grid in grids[dataset].items():
             cells = [f"**{lr:g}: {nll:.4f}**" if lr == runs[name]["lr"] else f"{lr:g}: {nll:.4f}"
                      for lr, nll in grid.items()]
-            lines.append(f"| {run_label(name)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {run_label(name)} | " + ", ".join(cells) + " |")
         lines += ["", "| run | lr | trainable params | dev NLL | 95% CI | gain vs base | dev accuracy | 95% CI | "
                   "general NLL change | 95% CI | final loss | train s |", "|---" * 12 + "|"]
         for name, figures in runs.items():

@@ -105,8 +105,8 @@ def test_quality_report_writes_tables_plots_verdicts_and_summary(tmp_path):
                                                                  "edora_matches", "lorasb_matches")} == {
         "milora_learns": "holds", "milora_forgets_less": "holds", "edora_matches": "fails", "lorasb_matches": "holds"}
     report = (tmp_path / "quality.md").read_text()
-    assert "| PEFT QLoRA | 0.0001: 1.2000 | **0.0002: 1.1000** | 0.0004: 1.3000 |" in report
-    assert "| lorasb | 0.001: 1.3000 | 0.002: 1.2000 | **0.004: 1.1000** |" in report
+    assert "| PEFT QLoRA | 0.0001: 1.2000, **0.0002: 1.1000**, 0.0004: 1.3000 |" in report
+    assert "| lorasb | 0.001: 1.3000, 0.002: 1.2000, **0.004: 1.1000** |" in report
     assert "| MiLoRA forgets less than LoRA | **holds** | -0.04" in report
     assert "| EDoRA matches LoRA with 20-90x fewer trainable parameters | **fails** | +0.5" in report
     assert "23.3× |" in report  # QLoRA's trainable parameters over EDoRA's
@@ -135,3 +135,24 @@ def test_quality_claims_cannot_be_told_when_qlora_learned_nothing():
             "milora": quality_run(3e-4, 10, 1.0, 1.9, 0.5, seed=2)}  # clearly better on both, but against nothing
     assert quality.signal(runs) < quality.MIN_SIGNAL
     assert {row["verdict"] for row in quality.verdicts(runs)} == {"cannot tell"}
+
+@pytest.mark.parametrize("best, tried", [(2e-4, [1e-4, 2e-4, 4e-4]),  # inside the grid: no more runs
+                                         (1.6e-3, [1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3]),  # doubled twice
+                                         (1e-2, [1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3]),  # and no further
+                                         (5e-5, [2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4])])  # halved past the best
+def test_quality_rate_grid_extends_while_its_best_is_at_an_edge(best, tried, monkeypatch):
+    import math
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(BENCHMARKS))
+    quality = importlib.import_module("quality")
+    measured = []
+
+    def measure(name, lr, *args):
+        measured.append(lr)
+        return {"curve": [{"nll": (math.log(lr) - math.log(best)) ** 2}]}
+
+    monkeypatch.setattr(quality, "measure", measure)
+    chosen, scores = quality.best_rate("qlora", "arc_easy", SimpleNamespace(budget=quality.BUDGETS["full"]), {}, None)
+    assert sorted(measured) == pytest.approx(tried) and list(scores) == pytest.approx(tried)
+    assert chosen == pytest.approx(min(tried, key=lambda lr: abs(math.log(lr / best))))

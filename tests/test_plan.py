@@ -105,7 +105,9 @@ def test_plan_is_the_measured_peak_of_a_real_run_within_15_percent(method, batch
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "models").symlink_to(model_cache / "models")
-    env = os.environ | {"QSVD_CACHE": str(cache)}
+    # a clean environment: nothing an earlier test or library left in os.environ reaches the measured run
+    env = {key: os.environ[key] for key in ("PATH", "HOME", "TMPDIR", "LANG") if key in os.environ}
+    env["QSVD_CACHE"] = str(cache)
     sizes = ["--method", method, "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
     subprocess.run([sys.executable, "-m", "qsvd", "finetune", *sizes, "--data", str(tmp_path / "rows.jsonl"),
                     "--max-steps", "2", "--output", str(tmp_path / "run")], env=env, check=True, capture_output=True)

@@ -2,9 +2,11 @@
 
 import importlib
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -66,6 +68,13 @@ def test_export_fidelity_quick_compares_every_export(tmp_path):
         assert figures[f"{method}_dequantized_kl_ratio"] < 0.05 < figures[f"{method}_peft_kl_ratio"]
 
 
+@pytest.fixture
+def quality(monkeypatch):
+    """benchmarks/quality.py as a module."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("quality")
+
+
 def quality_run(lr, trainable, dev_nll, general_nll, accuracy, seed):
     """A run's figures as quality.py's child reports them: 40 dev rows of 10 answer tokens and 20
     general-text windows of 100 tokens, each row's NLL per token `dev_nll` (`general_nll`) ± noise."""
@@ -81,9 +90,7 @@ def quality_run(lr, trainable, dev_nll, general_nll, accuracy, seed):
                 dev_rows={"nll": dev, "tokens": [10] * 40}, general_rows={"nll": general, "tokens": [100] * 20})
 
 
-def test_quality_report_writes_tables_plots_verdicts_and_summary(tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
-    quality = importlib.import_module("quality")
+def test_quality_report_writes_tables_plots_verdicts_and_summary(quality, tmp_path):
     base = quality_run(None, 0, 3.0, 2.0, 0.3, seed=0)
     base["curve"] = base["curve"][1:]
     results = {"arc_easy": {"base": base,
@@ -114,9 +121,7 @@ def test_quality_report_writes_tables_plots_verdicts_and_summary(tmp_path):
     assert json.loads((tmp_path / "quality.json").read_text())["results"] == results
 
 
-def test_quality_verdict_is_cannot_tell_inside_the_noise():
-    sys.path.insert(0, str(BENCHMARKS))
-    quality = importlib.import_module("quality")
+def test_quality_verdict_is_cannot_tell_inside_the_noise(quality):
     runs = {"base": quality_run(None, 0, 3.0, 2.0, 0.3, seed=0), "qlora": quality_run(2e-4, 10, 1.0, 2.1, 0.5, seed=1),
             "milora": quality_run(3e-4, 10, 1.0, 2.1, 0.5, seed=2)}
     for run in runs.values():  # noise far above the differences
@@ -128,24 +133,18 @@ def test_quality_verdict_is_cannot_tell_inside_the_noise():
         "milora_learns": "cannot tell", "milora_forgets_less": "cannot tell"}
 
 
-def test_quality_claims_cannot_be_told_when_qlora_learned_nothing():
-    sys.path.insert(0, str(BENCHMARKS))
-    quality = importlib.import_module("quality")
+def test_quality_claims_cannot_be_told_when_qlora_learned_nothing(quality):
     runs = {"base": quality_run(None, 0, 3.0, 2.0, 0.3, seed=0), "qlora": quality_run(2e-4, 10, 2.99, 2.1, 0.5, seed=1),
             "milora": quality_run(3e-4, 10, 1.0, 1.9, 0.5, seed=2)}  # clearly better on both, but against nothing
     assert quality.signal(runs) < quality.MIN_SIGNAL
     assert {row["verdict"] for row in quality.verdicts(runs)} == {"cannot tell"}
 
+
 @pytest.mark.parametrize("best, tried", [(2e-4, [1e-4, 2e-4, 4e-4]),  # inside the grid: no more runs
                                          (1.6e-3, [1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3]),  # doubled twice
                                          (1e-2, [1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3]),  # and no further
                                          (5e-5, [2.5e-5, 5e-5, 1e-4, 2e-4, 4e-4])])  # halved past the best
-def test_quality_rate_grid_extends_while_its_best_is_at_an_edge(best, tried, monkeypatch):
-    import math
-    from types import SimpleNamespace
-
-    sys.path.insert(0, str(BENCHMARKS))
-    quality = importlib.import_module("quality")
+def test_quality_rate_grid_extends_while_its_best_is_at_an_edge(quality, best, tried, monkeypatch):
     measured = []
 
     def measure(name, lr, *args):

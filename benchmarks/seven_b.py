@@ -45,7 +45,7 @@ SHARD_BYTES = 2 * 2**30
 TOKENIZER_VOCAB = 4096  # byte-level BPE on the built-in rows: random weights need no better
 
 
-def write_random_llama(path: Path, shape: dict) -> None:
+def write_random_llama(path: Path, shape: dict, shard_bytes: int = SHARD_BYTES) -> None:
     """A random-weight (std 0.02) untied Llama as bf16 shards, one tensor in memory at a time, with a
     tokenizer; config.json is written last, so a directory that has it is complete."""
     if (path / "config.json").is_file():
@@ -60,7 +60,7 @@ def write_random_llama(path: Path, shape: dict) -> None:
         shapes = {name: tuple(p.shape) for name, p in LlamaForCausalLM(config).state_dict().items()}
     path.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
-    weight_map, shard, shard_bytes = {}, {}, 0
+    weight_map, shard, pending_bytes = {}, {}, 0
 
     def flush():
         file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
@@ -71,11 +71,11 @@ def write_random_llama(path: Path, shape: dict) -> None:
     for number, (name, size) in enumerate(shapes.items(), 1):
         shard[name] = (torch.ones(size) if name.endswith("norm.weight")
                        else torch.randn(size, generator=generator) * 0.02).to(torch.bfloat16)
-        shard_bytes += shard[name].numel() * 2
-        if shard_bytes >= SHARD_BYTES:
+        pending_bytes += shard[name].numel() * 2
+        if pending_bytes >= shard_bytes:
             print(f"  wrote {number} of {len(shapes)} tensors", file=sys.stderr, flush=True)
             flush()
-            shard_bytes = 0
+            pending_bytes = 0
     if shard:
         flush()
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

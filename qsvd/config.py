@@ -34,8 +34,8 @@ class FinetuneConfig:
     task_type: str = "math"  # "math" or "commonsense": sets lorasb's default --grad-samples
     grad_samples: int | None = None  # lorasb: rows for the gradient estimate (default: 50 math, 170 commonsense)
     grad_mem_budget: str | None = None  # lorasb: e.g. "2GB" of gradients at a time (default: half the free memory)
-    grad_sketch: bool = False
-    init_lr: float | None = None  # lorasb: η of the init step −η·sign(G) (default: lr / full fine-tuning's warm-up steps)  # lorasb: one pass with a rank-(2r+1) sketch of each gradient instead
+    grad_sketch: bool = False  # lorasb: one pass with a rank-(2r+1) sketch of each gradient instead
+    init_lr: float | None = None  # lorasb: η of the init step −η·sign(G) (default: lr / full fine-tuning's warm-up steps)
     data: str | None = None  # a file, a save_to_disk directory or a hub id; default: built-in arithmetic problems
     data_config: str | None = None  # a hub dataset's configuration
     data_split: str | None = None  # a hub dataset's (or saved DatasetDict's) split; default train

@@ -34,11 +34,12 @@ class RunSummary:
     trainable_params: int
     final_loss: float
     seconds: float
+    setup_seconds: float  # from the start to the first training step: load, split or reuse, tokenize
     peak_memory_mb: float
 
     def line(self) -> str:
         return (f"trainable params: {self.trainable_params:,} | final loss: {self.final_loss:.4f} | "
-                f"wall time: {self.seconds:.1f} s | peak memory: {self.peak_memory_mb:,.0f} MB | "
+                f"wall time: {self.seconds:.1f} s (setup {self.setup_seconds:.1f} s) | peak memory: {self.peak_memory_mb:,.0f} MB | "
                 f"saved to {self.output}")
 
 
@@ -91,16 +92,17 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     stage = work / "stage"  # the run's files, renamed to --output when complete
     try:
         outcome = train_with_advice(model, tokenizer, dataset, config, work, resume_from)
+        setup_seconds = (outcome.first_step_start or time.perf_counter()) - start
         if not state.is_main_process:
             state.wait_for_everyone()  # until the main process has published the run
             return RunSummary(model, output, trainable, outcome.final_loss, time.perf_counter() - start,
-                              outcome.peak_memory_mb)
+                              setup_seconds, outcome.peak_memory_mb)
         stage.mkdir()
         record = {"config": config.resolved(), "processes": state.num_processes, "model_path": str(files.config_dir),
                   "model_fingerprint": files.fingerprint, "prepared_model": str(prepared),
                   "trainable_params": trainable,
                   "data": {"rows": tokenized.read, "kept": len(dataset), "skipped": tokenized.skipped},
-                  "final_loss": outcome.final_loss, "train_seconds": outcome.seconds,
+                  "final_loss": outcome.final_loss, "setup_seconds": setup_seconds, "train_seconds": outcome.seconds,
                   "median_step_seconds": statistics.median(outcome.step_seconds or [float("nan")]),
                   "setup_peak_memory_mb": outcome.setup_peak_memory_mb,
                   "train_peak_memory_mb": outcome.train_peak_memory_mb,
@@ -124,7 +126,7 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
             if work.is_dir() and newest_intact(work / CHECKPOINTS) is None:
                 shutil.rmtree(work)  # nothing to resume from
     summary = RunSummary(model, output, trainable, outcome.final_loss, time.perf_counter() - start,
-                         outcome.peak_memory_mb)
+                         setup_seconds, outcome.peak_memory_mb)
     console.print(summary.line())
     return summary
 

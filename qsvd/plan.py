@@ -14,7 +14,8 @@ target layers' shapes are exact for any architecture. The parts, in bytes:
   gradient (`loss.chunk_tokens`; all of them for a model whose logits are not lm_head(hidden));
 - the split's workspace while the model is prepared: a few fp32 copies of the largest layer, and
   one shard of the prepared model serialized in memory as it is written; `finetune` holds the
-  prepared model beside it ("preparation total"), `qsvd init` streams it to disk ("init total");
+  prepared model beside it ("preparation total"), `qsvd init` streams it to disk, reading the
+  next layer (fp32) while it splits this one ("init total");
 - a merged export (on a CPU, where it always runs): one output shard (1 GiB, bf16) and the fp32
   copies of the largest layer as its update is merged, beside the adapter tensors;
 - on a CPU, the process's libraries (this process's own resident memory after its imports), and
@@ -181,7 +182,8 @@ def budget(setup: Setup) -> dict[str, float]:
         parts["logits"] + parts["runtime"] + parts.get("allocator cache, training", 0)
     parts["preparation total"] = weights + parts["split workspace"] + parts["runtime"] + \
         parts.get("allocator cache, split", 0)
-    parts["init total"] = parts["split workspace"] + parts["runtime"] + parts.get("allocator cache, split", 0)
+    parts["init total"] = parts["split workspace"] + 4 * largest + parts["runtime"] + \
+        parts.get("allocator cache, split", 0)
     if not on_gpu:  # a merged export runs on the CPU: one output shard (bf16), the largest layer merged in fp32
         merge_copies = MERGE_COPIES * 4 * largest
         parts["export total"] = parts["adapter"] + merge_copies + kept_by_allocator(4 * largest, merge_copies) + \

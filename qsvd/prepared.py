@@ -1,7 +1,7 @@
 """The prepared-model cache: split + quantize a model once, reuse it for every run of that setup.
 
 <cache>/prepared/<method>-r<rank>-<bits>bit-<key hash>/ holds
-- layers-NNNNN.safetensors: shards of about 256 MiB with each target layer's state: its frozen
+- layers-NNNNN.safetensors: shards of about 64 MiB with each target layer's state: its frozen
   base as bitsandbytes stores it (the packed 4-bit or int8 weight, its quantization
   statistics, the bias) under `<layer>.base.*`, and the adapter's initial tensors;
 - manifest.json: the key it was made for (source model fingerprint, method, rank, alpha, bits,
@@ -9,7 +9,8 @@
   split is random), the quantization report, and the sha256 of every shard.
 Embeddings, norms and head are not copied: they are read from the source model. A reload runs
 no SVD and no quantization. The directory is written under a temporary name and renamed into
-place; a corrupt or mismatched one is never used, but rebuilt.
+place; a corrupt or mismatched one is never used, but rebuilt. A reuse reads each shard once,
+checking its sha256 before it is used.
 
 `qsvd init` streams both ways: each layer is read, split, quantized and written out in turn,
 so it never holds more than one shard of the quantized model.
@@ -18,24 +19,25 @@ so it never holds more than one shard of the quantized model.
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from rich.progress import track
-from safetensors.torch import save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from . import __version__, quantize
 from .console import console
-from .load import (ModelFiles, SafetensorsWeights, atomic_dir, cache_dir, check_complete, empty_model, file_sha256,
-                   open_weights)
+from .load import (ModelFiles, atomic_dir, cache_dir, check_complete, empty_model, file_sha256, open_weights,
+                   read_ahead)
 from .memory import return_freed_memory
 from .methods import METHODS, AdapterLayer, AdapterSpec
 from .split import (QuantizationReport, adapter_layers, check_rank, compute_dtype, default_device, find_targets,
                     layer_splitter, load_non_targets, replace_layers, split_model, target_tensors)
 
-SHARD_BYTES = 256 * 2**20
+SHARD_BYTES = 64 * 2**20  # a reuse holds two at a time besides the model: the one in use, the next read
 MANIFEST_FILE = "manifest.json"
 
 
@@ -55,35 +57,42 @@ def prepared_dir(key: dict) -> Path:
 
 def write_prepared(path: Path, key: dict, layers: Iterable[tuple[str, AdapterLayer]],
                    report: QuantizationReport | None) -> Path:
-    """Write `layers`, taken one at a time, into shards, then the manifest; all or nothing.
+    """Write `layers`, taken one at a time, into shards, then the manifest; all or nothing. Each
+    shard is hashed in a thread as soon as it is written, while the next layers are made.
 
     `report` is read once every layer is written, so a lazy `layers` may still be filling it.
     """
     def write(tmp: Path) -> None:
-        shards, pending = [], {}
+        digests, pending = {}, {}
+        with ThreadPoolExecutor(max_workers=1) as hasher:
+            def flush() -> None:
+                shard = f"layers-{len(digests) + 1:05d}.safetensors"
+                save_file(pending, tmp / shard)
+                digests[shard] = hasher.submit(file_sha256, tmp / shard)  # from the page cache
+                pending.clear()
+                return_freed_memory()
 
-        def flush() -> None:
-            shards.append(f"layers-{len(shards) + 1:05d}.safetensors")
-            save_file(pending, tmp / shards[-1])
-            pending.clear()
-            return_freed_memory()
-
-        for name, layer in layers:
-            pending.update({f"{name}.{k}": t.contiguous() for k, t in layer.state_dict().items()})
-            if sum(t.numel() * t.element_size() for t in pending.values()) >= SHARD_BYTES:
+            for name, layer in layers:
+                pending.update({f"{name}.{k}": t.contiguous() for k, t in layer.state_dict().items()})
+                if sum(t.numel() * t.element_size() for t in pending.values()) >= SHARD_BYTES:
+                    flush()
+            if pending:
                 flush()
-        if pending:
-            flush()
-        manifest = {"qsvd_version": __version__, "key": key,
-                    "quantization_report": asdict(report) | {"ratio": report.ratio} if report else None,
-                    "sha256": {shard: file_sha256(tmp / shard) for shard in shards}}
+            manifest = {"qsvd_version": __version__, "key": key,
+                        "quantization_report": asdict(report) | {"ratio": report.ratio} if report else None,
+                        "sha256": {shard: digest.result() for shard, digest in digests.items()}}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
 
     return atomic_dir(path, write)
 
 
-def check_prepared(path: Path, key: dict) -> str | None:
-    """Why the prepared model at `path` cannot be used for `key`, or None if it can."""
+class CorruptPrepared(Exception):
+    """A shard of a prepared model does not match the checksum in its manifest."""
+
+
+def check_prepared(path: Path, key: dict, checksums: bool = False) -> str | None:
+    """Why the prepared model at `path` cannot be used for `key`, or None if it can. The shards'
+    checksums are checked only with `checksums`: `load_prepared` checks them as it reads."""
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
@@ -93,22 +102,44 @@ def check_prepared(path: Path, key: dict) -> str | None:
     if not manifest.get("sha256"):
         return "corrupt (its manifest lists no shards)"
     for shard, digest in manifest["sha256"].items():
-        if not (path / shard).is_file() or file_sha256(path / shard) != digest:
-            return f"corrupt ({shard} does not match its checksum)"
+        if not (path / shard).is_file() or (checksums and file_sha256(path / shard) != digest):
+            return f"corrupt ({shard} is missing or does not match its checksum)"
     return None
+
+
+def read_shards(path: Path) -> Iterator[dict[str, torch.Tensor]]:
+    """The tensors of each shard the manifest lists, in order, each shard read from the disk once:
+    its bytes are checked against the manifest's sha256 before any tensor of it is used (else
+    `CorruptPrepared`), and the next shard is read while the caller works on this one."""
+    digests = json.loads((path / MANIFEST_FILE).read_text())["sha256"]
+
+    def read(shard: str) -> dict[str, torch.Tensor]:
+        data = (path / shard).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digests[shard]:
+            raise CorruptPrepared(f"corrupt ({shard} does not match its checksum)")
+        return load(data)
+
+    for _, tensors in read_ahead(sorted(digests), read):
+        yield tensors
 
 
 def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: AdapterSpec, targets: list[str],
                   device: torch.device, progress: bool = True) -> nn.Module:
-    """Fill the empty `model` from the prepared model at `path` and the source's other tensors."""
+    """Fill the empty `model` from the prepared model at `path` and the source's other tensors.
+    Raises `CorruptPrepared` if a shard does not match its checksum."""
     layer_cls = METHODS[spec.method]
     linears = find_targets(model, targets)
     load_non_targets(model, linears, open_weights(files, model), device, spec)
-    shards = SafetensorsWeights(tuple(sorted(path.glob("layers-*.safetensors"))))
+    shards, pending = read_shards(path), {}
 
     def load_layer(name: str, linear: nn.Linear) -> nn.Module:
-        state = {key.removeprefix(name + "."): shards.read(key) for key in shards.shard_of
-                 if key.startswith(name + ".")}
+        nonlocal pending
+        prefix = name + "."
+        while not any(key.startswith(prefix) for key in pending):  # layers are stored in this order
+            pending = next(shards, None)
+            if pending is None:
+                raise CorruptPrepared(f"corrupt (no shard holds {name})")
+        state = {key.removeprefix(prefix): pending.pop(key) for key in list(pending) if key.startswith(prefix)}
         base = {key.removeprefix("base."): t for key, t in state.items() if key.startswith("base.")}
         tensors = {key: t.to(device) for key, t in state.items() if not key.startswith("base.")}
         return layer_cls(quantize.load_frozen(base, spec.bits, compute_dtype(device, spec), device), tensors, spec)
@@ -128,12 +159,13 @@ class Lookup:
 
 
 def lookup(files: ModelFiles, spec: AdapterSpec, targets: list[str] | None, seed: int, device: torch.device,
-           trust_remote_code: bool = False) -> Lookup:
+           trust_remote_code: bool = False, checksums: bool = False) -> Lookup:
+    """The prepared model for this setup; `checksums`: hash its shards now (else `load_prepared` does)."""
     model = empty_model(files, trust_remote_code)
     names = list(find_targets(model, targets))
     key = prepared_key(files, spec, names, device, seed)
     path = prepared_dir(key)
-    return Lookup(model, names, key, path, check_prepared(path, key) if path.exists() else "missing")
+    return Lookup(model, names, key, path, check_prepared(path, key, checksums) if path.exists() else "missing")
 
 
 def build(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: torch.device,
@@ -160,9 +192,15 @@ def build_to_disk(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: t
     check_complete(found.model, lambda name, _: name in weights or name not in stored)
     split_layer, report = layer_splitter(spec, device)
 
+    def read(name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = target_tensors(name, linears[name], weights)
+        return weight.to(device).float(), bias
+
     def layers() -> Iterator[tuple[str, AdapterLayer]]:
-        for name in track(list(linears), description="split + quantize", disable=not progress, console=console):
-            yield name, split_layer(*target_tensors(name, linears.pop(name), weights))
+        for name, (weight, bias) in track(read_ahead(linears, read), total=len(linears), description="split + quantize",
+                                          disable=not progress, console=console):
+            yield name, split_layer(weight, bias)
+            del weight
             return_freed_memory()
 
     write_prepared(found.path, found.key, layers(), report)
@@ -189,5 +227,8 @@ def obtain(files: ModelFiles, spec: AdapterSpec, targets: list[str] | None = Non
     found = lookup(files, spec, targets, seed, device, trust_remote_code)
     if found.problem is None:
         console.print(f"reusing the prepared model {found.path}")
-        return load_prepared(found.path, found.model, files, spec, found.targets, device, progress), found.path
+        try:
+            return load_prepared(found.path, found.model, files, spec, found.targets, device, progress), found.path
+        except CorruptPrepared as error:  # the half-filled model is dropped; a new empty one is split
+            found = replace(found, model=empty_model(files, trust_remote_code), problem=str(error))
     return build(found, files, spec, device, progress), found.path

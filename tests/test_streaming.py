@@ -173,6 +173,28 @@ def test_refinement_lowers_the_quantization_error_below_qlora():
     assert "× plain QLoRA's" in refined.line()
 
 
+def test_quantization_report_is_exact_for_the_split_and_estimates_qlora_from_sampled_rows(monkeypatch):
+    from functools import partial
+
+    from qsvd import quantize
+    from qsvd.split import QuantizationReport, layer_splitter
+
+    weight = torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)) * 0.02
+    split_layer, _ = layer_splitter(make_spec("pissa", RANK, bits=4), torch.device("cpu"))
+    layer = split_layer(weight, None)
+    roundtrip = partial(quantize.roundtrip, bits=4, dtype=torch.float32)
+    exact = QuantizationReport((weight - layer.base_weight() - layer.adapter_delta()).square().sum().item(),
+                               (weight - roundtrip(weight)).square().sum().item())
+    frozen = type(layer).frozen_weight(weight, dict(layer.state_dict()), layer.spec)
+    for sample, tolerance in [(weight.numel(), 1e-6), (weight.numel() // 4, 0.02)]:  # all rows; every 4th
+        monkeypatch.setattr("qsvd.split.REPORT_SAMPLE", sample)
+        report = QuantizationReport()
+        report.add(weight, frozen, layer, roundtrip)
+        assert report.error_sq == pytest.approx(exact.error_sq, rel=1e-5)
+        assert report.qlora_error_sq == pytest.approx(exact.qlora_error_sq, rel=tolerance)
+        assert 0.5 < report.ratio < 1  # the top singular part in 16 bits lowers the error
+
+
 @pytest.mark.parametrize("method,options,message", [
     ("milora", {"svd_niter": 2}, "--svd-niter .* not milora"),
     ("lora", {"svd_niter": 2}, "--svd-niter .* not lora"),
@@ -217,6 +239,15 @@ def corrupt_a_shard(path):
     shard.write_bytes(bytes(data))
 
 
+def truncate_a_shard(path):
+    shard = path / "layers-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+
+
+def delete_a_shard(path):
+    (path / "layers-00001.safetensors").unlink()
+
+
 def change_manifest_source(path):
     manifest_file = path / prepared.MANIFEST_FILE
     manifest = json.loads(manifest_file.read_text())
@@ -224,7 +255,9 @@ def change_manifest_source(path):
     manifest_file.write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("damage,problem", [(corrupt_a_shard, "corrupt"),
+@pytest.mark.parametrize("damage,problem", [(corrupt_a_shard, "does not match its checksum"),
+                                            (truncate_a_shard, "does not match its checksum"),
+                                            (delete_a_shard, "is missing"),
                                             (change_manifest_source, "made for another model")])
 def test_damaged_prepared_model_is_detected_and_rebuilt(sharded_dir, capsys, damage, problem):
     model, path = obtain(sharded_dir, "pissa")
@@ -235,6 +268,47 @@ def test_damaged_prepared_model_is_detected_and_rebuilt(sharded_dir, capsys, dam
     assert problem in err and "rebuilding it" in err and "prepared model saved" in err
     assert prepared.check_prepared(path, json.loads((path / prepared.MANIFEST_FILE).read_text())["key"]) is None
     assert torch.equal(logits(rebuilt), logits(model))
+
+
+def test_init_checks_the_checksums_of_what_it_finds_prepared(sharded_dir, capsys):
+    path = qsvd.init(model=str(sharded_dir), method="pissa", rank=RANK, bits=4, seed=0)
+    corrupt_a_shard(path)
+    capsys.readouterr()
+    assert qsvd.init(model=str(sharded_dir), method="pissa", rank=RANK, bits=4, seed=0) == path
+    err = capsys.readouterr().err
+    assert "does not match its checksum" in err and "rebuilding it" in err and "already prepared" not in err
+
+
+def test_a_reuse_reads_each_shard_once_checking_it_in_that_pass(sharded_dir, monkeypatch):
+    monkeypatch.setattr(prepared, "SHARD_BYTES", 20_000)  # a shard a layer or two
+    model, path = obtain(sharded_dir, "pissa")
+    shards = sorted(path.glob("layers-*.safetensors"))
+    assert len(shards) > 4
+    read = []
+    real_read_bytes = type(path).read_bytes
+    monkeypatch.setattr(type(path), "read_bytes", lambda self: read.append(self.name) or real_read_bytes(self))
+    monkeypatch.setattr(prepared, "file_sha256", lambda *_: pytest.fail("a reuse hashes in its one read"))
+    reloaded, _ = obtain(sharded_dir, "pissa")
+    assert [name for name in read if name.startswith("layers-")] == [shard.name for shard in shards]
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_read_ahead_keeps_the_order_and_raises_what_a_read_raises():
+    from qsvd.load import read_ahead
+
+    assert list(read_ahead(range(5), lambda i: i * i)) == [(i, i * i) for i in range(5)]
+    assert list(read_ahead([], lambda i: i)) == []
+
+    def read(i):
+        if i == 2:
+            raise ValueError("bad 2")
+        return i
+
+    got = []
+    with pytest.raises(ValueError, match="bad 2"):
+        for key, _ in read_ahead(range(5), read):
+            got.append(key)
+    assert got == [0, 1]
 
 
 def test_another_model_or_setup_never_reuses_a_prepared_model(sharded_dir, tmp_path):

@@ -47,4 +47,4 @@ class PiSSALayer(LoRALayer):
 
     @classmethod
     def frozen_weight(cls, weight, tensors, spec):
-        return weight - spec.scale * tensors["lora_B_init"] @ tensors["lora_A_init"]
+        return torch.addmm(weight, tensors["lora_B_init"], tensors["lora_A_init"], alpha=-spec.scale)

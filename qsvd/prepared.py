@@ -39,6 +39,7 @@ from .split import (QuantizationReport, adapter_layers, check_rank, compute_dtyp
 
 SHARD_BYTES = 64 * 2**20  # a reuse holds two at a time besides the model: the one in use, the next read
 MANIFEST_FILE = "manifest.json"
+TRIM_EVERY_BYTES = 256 * 2**20  # `qsvd init` hands freed heap back after this many bytes of fp32 weights are split
 
 
 def prepared_key(files: ModelFiles, spec: AdapterSpec, targets: list[str], device: torch.device,
@@ -58,19 +59,24 @@ def prepared_dir(key: dict) -> Path:
 def write_prepared(path: Path, key: dict, layers: Iterable[tuple[str, AdapterLayer]],
                    report: QuantizationReport | None) -> Path:
     """Write `layers`, taken one at a time, into shards, then the manifest; all or nothing. Each
-    shard is hashed in a thread as soon as it is written, while the next layers are made.
+    shard is written and hashed in a thread while the next layers are made.
 
     `report` is read once every layer is written, so a lazy `layers` may still be filling it.
     """
+    def save(tensors: dict[str, torch.Tensor], file: Path) -> str:
+        save_file(tensors, file)
+        tensors.clear()
+        return_freed_memory()
+        return file_sha256(file)  # from the page cache
+
     def write(tmp: Path) -> None:
         digests, pending = {}, {}
-        with ThreadPoolExecutor(max_workers=1) as hasher:
+        with ThreadPoolExecutor(max_workers=1) as writer:
             def flush() -> None:
+                nonlocal pending
                 shard = f"layers-{len(digests) + 1:05d}.safetensors"
-                save_file(pending, tmp / shard)
-                digests[shard] = hasher.submit(file_sha256, tmp / shard)  # from the page cache
-                pending.clear()
-                return_freed_memory()
+                digests[shard] = writer.submit(save, pending, tmp / shard)
+                pending = {}
 
             for name, layer in layers:
                 pending.update({f"{name}.{k}": t.contiguous() for k, t in layer.state_dict().items()})
@@ -197,11 +203,15 @@ def build_to_disk(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: t
         return weight.to(device).float(), bias
 
     def layers() -> Iterator[tuple[str, AdapterLayer]]:
+        split_bytes = 0  # fp32 weights split since the freed heap was last handed back
         for name, (weight, bias) in track(read_ahead(linears, read), total=len(linears), description="split + quantize",
                                           disable=not progress, console=console):
             yield name, split_layer(weight, bias)
-            del weight
-            return_freed_memory()
+            split_bytes += weight.numel() * 4
+            if split_bytes >= TRIM_EVERY_BYTES:
+                del weight
+                return_freed_memory()
+                split_bytes = 0
 
     write_prepared(found.path, found.key, layers(), report)
     if report is not None and progress:

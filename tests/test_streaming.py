@@ -173,7 +173,7 @@ def test_refinement_lowers_the_quantization_error_below_qlora():
     assert "× plain QLoRA's" in refined.line()
 
 
-def test_quantization_report_is_exact_for_the_split_and_estimates_qlora_from_sampled_rows(monkeypatch):
+def test_quantization_report_measures_the_split_and_qlora_on_sampled_rows(monkeypatch):
     from functools import partial
 
     from qsvd import quantize
@@ -186,12 +186,13 @@ def test_quantization_report_is_exact_for_the_split_and_estimates_qlora_from_sam
     exact = QuantizationReport((weight - layer.base_weight() - layer.adapter_delta()).square().sum().item(),
                                (weight - roundtrip(weight)).square().sum().item())
     frozen = type(layer).frozen_weight(weight, dict(layer.state_dict()), layer.spec)
-    for sample, tolerance in [(weight.numel(), 1e-6), (weight.numel() // 4, 0.02)]:  # all rows; every 4th
+    for sample, tolerance in [(weight.numel(), 1e-5), (weight.numel() // 4, 0.03)]:  # every row; every 4th
         monkeypatch.setattr("qsvd.split.REPORT_SAMPLE", sample)
         report = QuantizationReport()
-        report.add(weight, frozen, layer, roundtrip)
-        assert report.error_sq == pytest.approx(exact.error_sq, rel=1e-5)
+        report.add(weight, frozen, roundtrip)
+        assert report.error_sq == pytest.approx(exact.error_sq, rel=tolerance)
         assert report.qlora_error_sq == pytest.approx(exact.qlora_error_sq, rel=tolerance)
+        assert report.ratio == pytest.approx(exact.ratio, rel=tolerance)
         assert 0.5 < report.ratio < 1  # the top singular part in 16 bits lowers the error
 
 

@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
+from transformers.initialization import no_init_weights
 
 from .console import console
 from .errors import QSVDError, first_line
@@ -351,7 +352,7 @@ def model_from_config(config: PretrainedConfig, source, trust_remote_code: bool 
         raise QSVDError(f"{name} is a multimodal model; qsvd fine-tunes text-only causal language models "
                         f"(for a Gemma 3 or Mistral 3, use its text-only checkpoint)")
     try:
-        with init_empty_weights():
+        with init_empty_weights(), no_init_weights():  # meta tensors: random init would be wasted work
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as error:
         if "Unrecognized configuration class" not in str(error):

@@ -12,8 +12,9 @@ no SVD and no quantization. The directory is written under a temporary name and 
 place; a corrupt or mismatched one is never used, but rebuilt. A reuse reads each shard once,
 checking its sha256 before it is used.
 
-`qsvd init` streams both ways: each layer is read, split, quantized and written out in turn,
-so it never holds more than one shard of the quantized model.
+`qsvd init` streams both ways: each layer is read (the next one in a thread while this one is
+split), split, quantized and written out in turn, so it never holds more than two shards of the
+quantized model: one filling, one being written and hashed in a thread.
 """
 
 import hashlib

@@ -103,6 +103,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def prefetch(paths: Iterable[Path]) -> None:
+    """Ask the kernel to start reading the files into the page cache (Linux's posix_fadvise
+    WILLNEED returns at once), so that the disk works while the CPU does something else."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue  # only a hint: the read that follows says what is wrong with the file
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
 def read_ahead(keys: Iterable[K], read: Callable[[K], V]) -> Iterator[tuple[K, V]]:
     """(key, read(key)) for each key in order, the next read running in a thread while the caller
     works on this one (torch, file reads and hashlib let go of the GIL): reading overlaps the work."""

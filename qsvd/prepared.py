@@ -32,7 +32,7 @@ from torch import nn
 from . import __version__, quantize
 from .console import console
 from .load import (ModelFiles, atomic_dir, cache_dir, check_complete, empty_model, file_sha256, open_weights,
-                   read_ahead)
+                   prefetch, read_ahead)
 from .memory import return_freed_memory
 from .methods import METHODS, AdapterLayer, AdapterSpec
 from .split import (QuantizationReport, adapter_layers, check_rank, compute_dtype, default_device, find_targets,
@@ -117,8 +117,10 @@ def check_prepared(path: Path, key: dict, checksums: bool = False) -> str | None
 def read_shards(path: Path) -> Iterator[dict[str, torch.Tensor]]:
     """The tensors of each shard the manifest lists, in order, each shard read from the disk once:
     its bytes are checked against the manifest's sha256 before any tensor of it is used (else
-    `CorruptPrepared`), and the next shard is read while the caller works on this one."""
+    `CorruptPrepared`), and the next shard is read while the caller works on this one. The disk
+    starts on all of them at this call."""
     digests = json.loads((path / MANIFEST_FILE).read_text())["sha256"]
+    prefetch(path / shard for shard in digests)  # the disk reads them all while the caller works
 
     def read(shard: str) -> dict[str, torch.Tensor]:
         data = (path / shard).read_bytes()
@@ -126,8 +128,7 @@ def read_shards(path: Path) -> Iterator[dict[str, torch.Tensor]]:
             raise CorruptPrepared(f"corrupt ({shard} does not match its checksum)")
         return load(data)
 
-    for _, tensors in read_ahead(sorted(digests), read):
-        yield tensors
+    return (tensors for _, tensors in read_ahead(sorted(digests), read))
 
 
 def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: AdapterSpec, targets: list[str],
@@ -136,8 +137,8 @@ def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: Adapter
     Raises `CorruptPrepared` if a shard does not match its checksum."""
     layer_cls = METHODS[spec.method]
     linears = find_targets(model, targets)
+    shards, pending = read_shards(path), {}  # the disk starts on them while the source's tensors load
     load_non_targets(model, linears, open_weights(files, model), device, spec)
-    shards, pending = read_shards(path), {}
 
     def load_layer(name: str, linear: nn.Linear) -> nn.Module:
         nonlocal pending

@@ -294,6 +294,14 @@ def test_a_reuse_reads_each_shard_once_checking_it_in_that_pass(sharded_dir, mon
     assert torch.equal(logits(reloaded), logits(model))
 
 
+def test_prefetch_is_only_a_hint(tmp_path):
+    from qsvd.load import prefetch
+
+    (tmp_path / "a").write_bytes(b"x" * 10)
+    prefetch([tmp_path / "missing", tmp_path / "a"])  # a file gone is for the read that follows to tell
+    assert (tmp_path / "a").read_bytes() == b"x" * 10
+
+
 def test_read_ahead_keeps_the_order_and_raises_what_a_read_raises():
     from qsvd.load import read_ahead
 

@@ -39,8 +39,8 @@ class RunSummary:
 
     def line(self) -> str:
         return (f"trainable params: {self.trainable_params:,} | final loss: {self.final_loss:.4f} | "
-                f"wall time: {self.seconds:.1f} s (setup {self.setup_seconds:.1f} s) | peak memory: {self.peak_memory_mb:,.0f} MB | "
-                f"saved to {self.output}")
+                f"wall time: {self.seconds:.1f} s (setup {self.setup_seconds:.1f} s) | "
+                f"peak memory: {self.peak_memory_mb:,.0f} MB | saved to {self.output}")
 
 
 def init(config: FinetuneConfig | None = None, **options) -> Path:

@@ -109,8 +109,10 @@ def check_prepared(path: Path, key: dict, checksums: bool = False) -> str | None
     if not manifest.get("sha256"):
         return "corrupt (its manifest lists no shards)"
     for shard, digest in manifest["sha256"].items():
-        if not (path / shard).is_file() or (checksums and file_sha256(path / shard) != digest):
-            return f"corrupt ({shard} is missing or does not match its checksum)"
+        if not (path / shard).is_file():
+            return f"incomplete ({shard} is missing)"
+        if checksums and file_sha256(path / shard) != digest:
+            return f"corrupt ({shard} does not match its checksum)"
     return None
 
 
@@ -208,10 +210,11 @@ def build_to_disk(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: t
         split_bytes = 0  # fp32 weights split since the freed heap was last handed back
         for name, (weight, bias) in track(read_ahead(linears, read), total=len(linears), description="split + quantize",
                                           disable=not progress, console=console):
-            yield name, split_layer(weight, bias)
+            layer = split_layer(weight, bias)
             split_bytes += weight.numel() * 4
+            del weight
+            yield name, layer
             if split_bytes >= TRIM_EVERY_BYTES:
-                del weight
                 return_freed_memory()
                 split_bytes = 0
 

@@ -258,7 +258,7 @@ def change_manifest_source(path):
 
 @pytest.mark.parametrize("damage,problem", [(corrupt_a_shard, "does not match its checksum"),
                                             (truncate_a_shard, "does not match its checksum"),
-                                            (delete_a_shard, "is missing"),
+                                            (delete_a_shard, "incomplete (layers-00001.safetensors is missing)"),
                                             (change_manifest_source, "made for another model")])
 def test_damaged_prepared_model_is_detected_and_rebuilt(sharded_dir, capsys, damage, problem):
     model, path = obtain(sharded_dir, "pissa")

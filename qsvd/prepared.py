@@ -124,13 +124,13 @@ def read_shards(path: Path) -> Iterator[dict[str, torch.Tensor]]:
     digests = json.loads((path / MANIFEST_FILE).read_text())["sha256"]
     prefetch(path / shard for shard in digests)  # the disk reads them all while the caller works
 
-    def read(shard: str) -> dict[str, torch.Tensor]:
+    def read(shard: str) -> bytes:  # in a thread: reading and hashing let go of the GIL, parsing would not
         data = (path / shard).read_bytes()
         if hashlib.sha256(data).hexdigest() != digests[shard]:
             raise CorruptPrepared(f"corrupt ({shard} does not match its checksum)")
-        return load(data)
+        return data
 
-    return (tensors for _, tensors in read_ahead(sorted(digests), read))
+    return (load(data) for _, data in read_ahead(sorted(digests), read))
 
 
 def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: AdapterSpec, targets: list[str],

@@ -36,6 +36,13 @@ def test_chunked_loss_holds_less_of_the_logits(tmp_path):
 
 
 @pytest.mark.slow
+def test_init_memory_quick_reports_time_memory_and_reuse(tmp_path):
+    figures = last_json_line([BENCHMARKS / "init_memory.py", "--quick"], tmp_path)
+    assert 0 < figures["mem_ratio"] < 1 and 0 < figures["milora_mem_ratio"] < 1 and figures["time_ratio"] > 0
+    assert figures["prepared_mb"] > 0 and figures["reuse_setup_s"] > figures["prepared_read_s"] > 0
+
+
+@pytest.mark.slow
 def test_train_step_quick_reports_the_ratios(tmp_path):
     figures = last_json_line([BENCHMARKS / "train_step.py", "--quick", "--methods", "edora,milora,lorasb"], tmp_path)
     for key in ["edora_vs_qdora_time", "edora_vs_qlora_mem", "lorasb_vs_qlora_mem", "milora_vs_qlora_time"]:

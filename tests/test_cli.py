@@ -57,8 +57,7 @@ def test_python_api_run_reloads_to_the_same_logits(tiny_model_dir, tmp_path):
         assert torch.equal(reloaded(ids).logits, result.model.eval()(ids).logits)
     assert result.trainable_params == sum(p.numel() for p in reloaded.parameters() if p.requires_grad)
     record = json.loads((tmp_path / "run" / "qsvd_config.json").read_text())
-    assert 0 < result.setup_seconds == record["setup_seconds"] < record["setup_seconds"] + record["train_seconds"]
-    assert result.seconds > result.setup_seconds + 0.9 * record["train_seconds"]  # setup ends at the first step
+    assert 0 < result.setup_seconds == record["setup_seconds"] < result.seconds  # setup ends at the first step
 
 
 def test_dry_run_resolves_config_file_and_flags(tmp_path):

@@ -126,12 +126,9 @@ def measure(path: Path, who: str, cache: Path, args) -> dict:
 
 def evict(paths: list[Path]) -> None:
     """Drop the files from the page cache, so that the next read comes from the disk."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+    from qsvd.load import prefetch
+
+    prefetch(paths, os.POSIX_FADV_DONTNEED)
 
 
 def read_seconds(paths: list[Path]) -> float:

@@ -103,9 +103,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def prefetch(paths: Iterable[Path]) -> None:
+def prefetch(paths: Iterable[Path], advice: int | None = None) -> None:
     """Ask the kernel to start reading the files into the page cache (Linux's posix_fadvise
-    WILLNEED returns at once), so that the disk works while the CPU does something else."""
+    WILLNEED returns at once), so that the disk works while the CPU does something else; or give
+    it another `advice` (DONTNEED drops them, for a benchmark that reads from the disk)."""
     if not hasattr(os, "posix_fadvise"):
         return
     for path in paths:
@@ -114,7 +115,7 @@ def prefetch(paths: Iterable[Path]) -> None:
         except OSError:
             continue  # only a hint: the read that follows says what is wrong with the file
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED if advice is None else advice)
         finally:
             os.close(fd)
 

@@ -11,6 +11,7 @@ from .errors import QSVDError
 from .evaluate import TASKS
 from .evaluate import evaluate as run_evaluate
 from .export import BASES, FORMATS, SHARD_SIZE
+from .export_gguf import GGUF_TYPES
 from .export import export as run_export
 from .finetune import check_inputs
 from .finetune import finetune as run_finetune
@@ -141,16 +142,20 @@ def eval_(ctx: click.Context, target, **options) -> None:
 @cli.command("export")
 @click.argument("run_dir")
 @click.option("--format", "format_", type=click.Choice(FORMATS), default="peft", show_default=True,
-              help="peft: a LoRA/DoRA adapter for PeftModel on the original base; merged: a full HF checkpoint.")
-@click.option("--output", help="Export directory (default: RUN_DIR-peft or RUN_DIR-merged beside the run).")
+              help="peft: a LoRA/DoRA adapter for PeftModel on the original base; merged: a full HF checkpoint; "
+                   "gguf: the merged model as one GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile.")
+@click.option("--output", help="Export directory (default: RUN_DIR-peft or RUN_DIR-merged beside the run); "
+                               "gguf: the file (default: RUN_DIR-<gguf type>.gguf).")
 @click.option("--base", type=click.Choice(BASES), default="original", show_default=True,
-              help="merged: merge into the original weights, or into deq(Q(W)), the weights the adapter was trained against.")
+              help="merged, gguf: merge into the original weights, or into deq(Q(W)), the weights the adapter was trained against.")
+@click.option("--gguf-type", type=click.Choice(list(GGUF_TYPES)), default="f16", show_default=True,
+              help="gguf: weight type (q8_0: 8-bit blocks of 32, about half the size of f16).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16", show_default=True, help="merged: weight dtype.")
 @click.option("--shard-size", default=SHARD_SIZE, show_default=True, help="merged: largest safetensors shard; peak memory is about twice this plus one layer, whatever the model size.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export in --output.")
 @click.pass_context
 def export(ctx: click.Context, run_dir, format_, **options) -> None:
-    """Export a run as a PEFT adapter or a merged checkpoint that any HF stack loads."""
+    """Export a run as a PEFT adapter, a merged checkpoint that any HF stack loads, or a GGUF file."""
     with user_errors(ctx):
         run_export(run_dir, format=format_, **options)
 

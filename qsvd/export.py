@@ -28,13 +28,14 @@ from . import __version__, quantize
 from .config import parse_size
 from .console import console
 from .errors import QSVDError
+from .export_gguf import GGUF_TYPES, gguf_architecture, modelfile, read_vocabulary, write_atomically, write_gguf
 from .load import ModelFiles, atomic_dir, empty_model, open_weights, read_config, read_tokenizer
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
 from .run import Run, check_output, read_run
 from .split import DTYPES, find_targets
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "gguf")
 BASES = ("original", "dequantized")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 SHARD_SIZE = "1GB"  # merged: the default largest shard
@@ -144,15 +145,13 @@ def plan_shards(model: torch.nn.Module, names: list[str], dtype: torch.dtype, sh
     return group_by_size({name: stored_bytes(name) for name in names}, shard_bytes)
 
 
-def write_merged(output: Path, run: Run, files: ModelFiles, model: torch.nn.Module,
-                 updates: dict[str, LoraUpdate], base: str, dtype: torch.dtype, shard_bytes: int) -> None:
-    """A standard HF checkpoint with every update merged, read and written one shard at a time."""
+def merged_reader(run: Run, files: ModelFiles, model: torch.nn.Module, updates: dict[str, LoraUpdate],
+                  base: str):
+    """name → that tensor of the merged model: a target's weight merged (fp32), any other as stored."""
     layer_cls = METHODS[run.spec.method]
     weights = open_weights(files, model)
-    config = read_config(files.config_dir, run.trust_remote_code)
-    tokenizer = read_tokenizer(files.config_dir, run.trust_remote_code)
 
-    def export_tensor(name: str) -> torch.Tensor:
+    def read_merged(name: str) -> torch.Tensor:
         value = weights.read(name)
         layer = name.removesuffix(".weight")
         if layer in updates:  # a target's weight (its bias is copied as it is)
@@ -161,6 +160,20 @@ def write_merged(output: Path, run: Run, files: ModelFiles, model: torch.nn.Modu
                 frozen = layer_cls.frozen_weight(value, run.layer_tensors(layer), run.spec)
                 value = value - (frozen - quantize.roundtrip(frozen, run.spec.bits, run.compute_dtype))
             value = updates[layer].merge(value)
+        return value
+
+    return read_merged
+
+
+def write_merged(output: Path, run: Run, files: ModelFiles, model: torch.nn.Module,
+                 updates: dict[str, LoraUpdate], base: str, dtype: torch.dtype, shard_bytes: int) -> None:
+    """A standard HF checkpoint with every update merged, read and written one shard at a time."""
+    read_merged = merged_reader(run, files, model, updates, base)
+    config = read_config(files.config_dir, run.trust_remote_code)
+    tokenizer = read_tokenizer(files.config_dir, run.trust_remote_code)
+
+    def export_tensor(name: str) -> torch.Tensor:
+        value = read_merged(name)
         return value.to(dtype).contiguous() if value.is_floating_point() else value.contiguous()
 
     shards = plan_shards(model, checkpoint_names(model), dtype, shard_bytes)
@@ -233,11 +246,35 @@ def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, up
         f"| | |\n|---|---|\n{table}\n{note}\n## Load\n\n```python\n{load}\n```\n")
 
 
-def export(run_dir: str | Path, output: str | Path | None = None, format: str = "peft", base: str = "original",
-           dtype: str = "bf16", shard_size: str = SHARD_SIZE, overwrite: bool = False) -> Path:
-    """Export a run as `qsvd export` does; returns the export directory.
+def write_gguf_export(output: Path, run: Run, files: ModelFiles, model: torch.nn.Module,
+                      updates: dict[str, LoraUpdate], base: str, gguf_type: str) -> None:
+    """The merged model as one GGUF file, and an Ollama Modelfile beside it; each appears in one rename.
+    The architecture and tokenizer are checked before any tensor is read."""
+    architecture = gguf_architecture(model.config)
+    vocabulary = read_vocabulary(files, model.config.vocab_size)
+    tokenizer = read_tokenizer(files.config_dir, run.trust_remote_code)
+    read_merged = merged_reader(run, files, model, updates, base)
+    name = f"{run.spec.method} fine-tune of {run.model}"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(output, lambda tmp: write_gguf(tmp, model, architecture, vocabulary, files,
+                                                    checkpoint_names(model), read_merged, gguf_type, name))
+    text = modelfile(output, tokenizer.chat_template, tokenizer.eos_token)
+    write_atomically(output.with_suffix(".Modelfile"), lambda tmp: tmp.write_text(text))
 
-    Everything is checked before anything is written, and the directory appears in one rename.
+
+def check_gguf_output(output: Path, overwrite: bool) -> None:
+    if output.suffix != ".gguf":
+        raise QSVDError(f"--output {output}: a GGUF export is one file, named *.gguf")
+    for path in (output, output.with_suffix(".Modelfile")):
+        if path.is_dir() or (path.exists() and not overwrite):
+            raise QSVDError(f"{path} already exists; choose another --output or pass --overwrite")
+
+
+def export(run_dir: str | Path, output: str | Path | None = None, format: str = "peft", base: str = "original",
+           dtype: str = "bf16", shard_size: str = SHARD_SIZE, gguf_type: str = "f16", overwrite: bool = False) -> Path:
+    """Export a run as `qsvd export` does; returns the export directory (the file, for gguf).
+
+    Everything is checked before anything is written, and each output appears in one rename.
     """
     if format not in FORMATS:
         raise QSVDError(f"--format {format!r} is not one of: {', '.join(FORMATS)}")
@@ -245,13 +282,19 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
         raise QSVDError(f"--base {base!r} is not one of: {', '.join(BASES)}")
     if dtype not in DTYPES:
         raise QSVDError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    if gguf_type not in GGUF_TYPES:
+        raise QSVDError(f"--gguf-type {gguf_type!r} is not one of: {', '.join(GGUF_TYPES)}")
     if format == "peft" and base != "original":
         raise QSVDError("a PEFT adapter always applies to the original base; --base dequantized "
-                        "is for --format merged")
+                        "is for --format merged and gguf")
     shard_bytes = parse_size(shard_size, "--shard-size")
     run = read_run(run_dir)
-    output = Path(output) if output is not None else run.path.with_name(f"{run.path.name}-{format}")
-    check_output(output, overwrite)
+    if format == "gguf":
+        output = Path(output) if output is not None else run.path.with_name(f"{run.path.name}-{gguf_type}.gguf")
+        check_gguf_output(output, overwrite)
+    else:
+        output = Path(output) if output is not None else run.path.with_name(f"{run.path.name}-{format}")
+        check_output(output, overwrite)
     files = run.model_files()
     model = empty_model(files, run.trust_remote_code)
     updates = lora_updates(run, model)
@@ -263,6 +306,9 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
             write_merged(tmp, run, files, model, updates, base, DTYPES[dtype], shard_bytes)
         write_card(tmp, output, run, files, updates, format, base, dtype)
 
-    atomic_dir(output, write)
+    if format == "gguf":
+        write_gguf_export(output, run, files, model, updates, base, gguf_type)
+    else:
+        atomic_dir(output, write)
     console.print(f"exported {run.path} ({run.spec.method}) as {format} to {output}")
     return output

@@ -1,0 +1,185 @@
+"""`qsvd export --format gguf`, checked against readers qsvd did not write: transformers loads the
+file back (`gguf_file=`), its tokenizer must give the run's token ids and its logits those of the
+`--format merged` export; llama-cpp-python, where it is installed, must generate the same tokens."""
+
+import json
+import math
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from click.testing import CliRunner
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer,
+                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer)
+
+import qsvd
+from qsvd.cli import cli
+
+CORPUS = ["Ava has 3 apples. Bob gives her 12 more. How many apples does Ava have now? She has 15.",
+          "The quick brown fox jumps over the lazy dog, and 2024 dogs watch it: 'I'll be back', they say."] * 8
+STRINGS = ["Ava has 3 apples.", " leading space and  two spaces", "numbers 12345 and 3.14", "naïve café — ünïcödé ✅",
+           "tabs\tand\nnew lines\n\n", "<|im_start|>user\nhi<|im_end|>", "", "'re 've 'll I'M"]
+CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512)
+
+
+def train_bpe(byte_level: bool, vocab_size: int, special_tokens: list[str]) -> dict:
+    """A small BPE trained on CORPUS: byte-level (as GPT-2, Qwen2) or sentencepiece-style with byte fallback."""
+    if byte_level:
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet, special_tokens = [], special_tokens + [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    return {"vocab": model["vocab"], "merges": [tuple(merge) for merge in model["merges"]]}
+
+
+def qwen2_tokenizer() -> Qwen2Tokenizer:
+    tokenizer = Qwen2Tokenizer(**train_bpe(True, 300, []), unk_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def llama_tokenizer() -> LlamaTokenizer:
+    return LlamaTokenizer(**train_bpe(False, 330, ["<unk>", "<s>", "</s>"]), add_bos_token=True)
+
+
+def tiny(kind: str):
+    """A random tiny model of `kind` with its tokenizer; Qwen2 with tied embeddings and q/k/v biases."""
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        tokenizer = qwen2_tokenizer()
+        config = Qwen2Config(**SIZES, vocab_size=320, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+        model = Qwen2ForCausalLM(config)
+    else:
+        tokenizer = llama_tokenizer()
+        config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (MistralConfig, MistralForCausalLM)
+        config = config_cls(**SIZES, vocab_size=336, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        model = model_cls(config)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):  # a trained model's norms are no ones: the file must keep them exactly
+            torch.nn.init.uniform_(param, 0.5, 1.5)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def run(request, tmp_path_factory):
+    """One 4-bit edora run on a tiny model of the parametrized kind, and its merged exports."""
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"gguf-{kind}")
+    model, tokenizer = tiny(kind)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with pytest.MonkeyPatch.context() as monkeypatch:  # the function-scoped cache fixture is not set up yet
+        monkeypatch.setenv("QSVD_CACHE", str(root / "cache"))
+        qsvd.finetune(model=str(root / "model"), method="edora", bits=4, rank=4, max_steps=2, lr=5e-2, seq_len=400,
+                      batch_size=4, output=str(root / "run"))
+        merged = {dtype: qsvd.export(root / "run", root / f"merged-{dtype}", format="merged", dtype=dtype)
+                  for dtype in ("fp32", "fp16", "bf16")}
+    return kind, root, merged
+
+
+def load(model_dir: Path, gguf_file: str | None = None):
+    return AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    return model(torch.tensor([[1, 5, 70, 9, 200, 31, 17, 250, 4, 99]])).logits
+
+
+def biggest_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("run", ["llama", "qwen2"], indirect=True)
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
+def test_gguf_loads_in_transformers_with_the_runs_tokenizer_and_logits(run, gguf_type):
+    kind, root, merged = run
+    path = qsvd.export(root / "run", format="gguf", gguf_type=gguf_type)
+    assert path == root / f"run-{gguf_type}.gguf" and not list(root.glob(".*.tmp"))
+
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == kind
+    types = {tensor.name: tensor.tensor_type.name for tensor in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == gguf_type.upper() and types["blk.0.attn_norm.weight"] == "F32"
+    assert ("output.weight" in types) == (kind == "llama")  # tied embeddings are stored once, as llama.cpp does
+
+    ours = AutoTokenizer.from_pretrained(root / "model")
+    theirs = AutoTokenizer.from_pretrained(root, gguf_file=path.name)
+    for text in STRINGS:
+        assert theirs(text)["input_ids"] == ours(text)["input_ids"], text
+    assert theirs.chat_template == ours.chat_template
+
+    exported, full = load(root, path.name), load(merged["fp32"])
+    if gguf_type != "q8_0":  # the merged export's weights rounded to the type, the 1-D ones (f32) exact
+        rounded = load(merged[{"f16": "fp16", "bf16": "bf16"}[gguf_type]]).state_dict()
+        for name, tensor in exported.state_dict().items():
+            expected = rounded[name] if tensor.dim() > 1 else full.state_dict()[name]
+            assert torch.equal(tensor, expected), name
+    gap = biggest_gap(logits(exported), logits(full)) / logits(full).abs().max().item()
+    print(f"{kind} {gguf_type}: largest logit gap to the fp32 merge {gap:.2e} of the largest logit")
+    assert gap < {"f16": 2e-3, "bf16": 2e-2, "q8_0": 3e-2}[gguf_type]
+
+
+def test_mistral_is_written_as_llama(tmp_path):
+    model, tokenizer = tiny("mistral")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    qsvd.finetune(model=str(tmp_path / "model"), method="lora", bits=16, rank=4, max_steps=1, seq_len=400,
+                  batch_size=2, output=str(tmp_path / "run"))
+    path = qsvd.export(tmp_path / "run", tmp_path / "out" / "mistral.gguf", format="gguf")
+    assert gguf.GGUFReader(path).fields["general.architecture"].contents() == "llama"
+    merged = qsvd.export(tmp_path / "run", tmp_path / "merged", format="merged", dtype="fp32")
+    assert biggest_gap(logits(load(path.parent, path.name)), logits(load(merged))) < 1e-2
+    modelfile = (tmp_path / "out" / "mistral.Modelfile").read_text()
+    assert modelfile.startswith("# No TEMPLATE") and 'FROM ./mistral.gguf' in modelfile
+    assert 'PARAMETER stop "</s>"' in modelfile
+
+
+@pytest.mark.parametrize("run", ["qwen2"], indirect=True)
+def test_modelfile_and_cli(run):
+    _, root, _ = run
+    result = CliRunner().invoke(cli, ["export", str(root / "run"), "--format", "gguf", "--gguf-type", "q8_0",
+                                      "--output", str(root / "cli" / "tiny.gguf")])
+    assert result.exit_code == 0, result.output
+    modelfile = (root / "cli" / "tiny.Modelfile").read_text()
+    assert modelfile.splitlines()[0] == "FROM ./tiny.gguf"
+    assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in modelfile
+    assert [line for line in modelfile.splitlines() if line.startswith("PARAMETER stop")] == [
+        'PARAMETER stop "<|im_start|>"', 'PARAMETER stop "<|im_end|>"']
+    # q8_0 is about 34/64 of f16's bytes for the weights
+    f16_bytes = (root / "run-f16.gguf").stat().st_size if (root / "run-f16.gguf").exists() else None
+    if f16_bytes:
+        assert (root / "cli" / "tiny.gguf").stat().st_size < 0.75 * f16_bytes
+
+    before = (root / "cli" / "tiny.gguf").read_bytes()
+    again = CliRunner().invoke(cli, ["export", str(root / "run"), "--format", "gguf", "--output",
+                                     str(root / "cli" / "tiny.gguf")])
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert (root / "cli" / "tiny.gguf").read_bytes() == before
+    for args, message in [(["--output", str(root / "cli" / "tiny.bin")], "named *.gguf"),
+                          (["--gguf-type", "q4_k"], "Invalid value for '--gguf-type'")]:
+        result = CliRunner().invoke(cli, ["export", str(root / "run"), "--format", "gguf", *args])
+        assert result.exit_code == 2 and message in result.output
+
+
+def test_unsupported_architecture_and_tokenizer_are_refused_before_any_work(tiny_model_dir, tmp_path):
+    qsvd.finetune(model=str(tiny_model_dir), method="lora", bits=16, rank=4, max_steps=1, seq_len=400, batch_size=2,
+                  output=str(tmp_path / "run"))
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), "--format", "gguf"])
+    assert result.exit_code == 2 and "a WordLevel tokenizer cannot be written to GGUF" in result.output
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))

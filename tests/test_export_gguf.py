@@ -10,9 +10,9 @@ import gguf
 import pytest
 import torch
 from click.testing import CliRunner
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer,
-                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer)
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer)
 
 import qsvd
 from qsvd.cli import cli
@@ -52,8 +52,15 @@ def qwen2_tokenizer() -> Qwen2Tokenizer:
     return tokenizer
 
 
-def llama_tokenizer() -> LlamaTokenizer:
-    return LlamaTokenizer(**train_bpe(False, 330, ["<unk>", "<s>", "</s>"]), add_bos_token=True)
+def llama_tokenizer() -> PreTrainedTokenizerFast:
+    """Llama 2's tokenizer.json pipeline (sentencepiece's: a space before the text, spaces as ▁), on a small vocabulary."""
+    tokenizer = Tokenizer(models.BPE(**train_bpe(False, 330, ["<unk>", "<s>", "</s>"]), byte_fallback=True,
+                                     unk_token="<unk>", fuse_unk=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def tiny(kind: str):
@@ -121,6 +128,9 @@ def test_gguf_loads_in_transformers_with_the_runs_tokenizer_and_logits(run, gguf
     ours = AutoTokenizer.from_pretrained(root / "model")
     theirs = AutoTokenizer.from_pretrained(root, gguf_file=path.name)
     for text in STRINGS:
+        if kind == "llama" and text.startswith(" "):
+            continue  # transformers reads a GGUF sentencepiece vocabulary with no ▁ before a leading space, where
+            # sentencepiece, Llama 2's tokenizer.json and llama.cpp put one (the slow llama.cpp test checks it)
         assert theirs(text)["input_ids"] == ours(text)["input_ids"], text
     assert theirs.chat_template == ours.chat_template
 
@@ -133,6 +143,29 @@ def test_gguf_loads_in_transformers_with_the_runs_tokenizer_and_logits(run, gguf
     gap = biggest_gap(logits(exported), logits(full)) / logits(full).abs().max().item()
     print(f"{kind} {gguf_type}: largest logit gap to the fp32 merge {gap:.2e} of the largest logit")
     assert gap < {"f16": 2e-3, "bf16": 2e-2, "q8_0": 3e-2}[gguf_type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["llama", "qwen2"], indirect=True)
+def test_llama_cpp_reads_the_tokenizer_and_generates_transformers_tokens(run):
+    """llama.cpp is the runtime the file is for: its tokenizer and greedy tokens must be transformers'."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    _, root, _ = run
+    path = qsvd.export(root / "run", root / "llama-cpp" / "tiny.gguf", format="gguf", overwrite=True)
+    ours = AutoTokenizer.from_pretrained(root / "model")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, seed=0, verbose=False)
+    mismatched = [text for text in STRINGS if llm.tokenize(text.encode(), add_bos=True, special=True) != ours(text)["input_ids"]]
+    assert not mismatched
+    prompt = ours(STRINGS[0])["input_ids"]
+    with torch.no_grad():
+        expected = load(path.parent, path.name).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                                                         min_new_tokens=12)[0, len(prompt):].tolist()
+    generated = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        generated.append(token)
+        if len(generated) == len(expected):
+            break
+    assert generated == expected
 
 
 def test_mistral_is_written_as_llama(tmp_path):

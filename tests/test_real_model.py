@@ -122,3 +122,46 @@ def test_lorasb_init_on_the_full_fine_tuning_scale_keeps_general_text(model_cach
     init_lorasb(model, dataset, tokenizer, config)
     after = evaluate_model(model, tokenizer, text, "ppl", tmp_path / "after.jsonl", seq_len=256).perplexity
     assert 1.001 < after / before < 1.02
+
+
+GGUF_STRINGS = ["Ava has 3 apples. Bob gives her 12 more.", "2024-12-03: naïve café ✅\n\tindented",
+                "<|im_start|>user\nWhat is 7 × 8?<|im_end|>\n<|im_start|>assistant\n", " two  spaces, I'll 're"]
+
+
+@pytest.mark.slow
+def test_gguf_export_of_a_smollm2_run(smollm2_run, model_cache, tmp_path, monkeypatch):
+    """At f16 the GGUF's tokenizer is the run's and its logits the merged export's up to f16 rounding;
+    llama.cpp (llama-cpp-python, where it is installed) tokenizes alike and generates transformers' tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import qsvd
+    from qsvd.load import load_tokenizer, resolve_model
+
+    monkeypatch.setenv("QSVD_CACHE", str(model_cache))
+    run, _ = smollm2_run
+    path = qsvd.export(run, tmp_path / "smollm2.gguf", format="gguf", gguf_type="f16")
+    ours = load_tokenizer(resolve_model("smollm2-135m"))
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in GGUF_STRINGS:
+        assert theirs(text)["input_ids"] == ours(text)["input_ids"], text
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    merged = logits(AutoModelForCausalLM.from_pretrained(qsvd.export(run, tmp_path / "merged", format="merged",
+                                                                     dtype="fp32")))
+    assert (logits(exported) - merged).abs().max() < 2e-3 * merged.abs().max()
+    assert "TEMPLATE" in (tmp_path / "smollm2.Modelfile").read_text()  # SmolLM2-Instruct's is ChatML
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, seed=0, verbose=False)
+    for text in GGUF_STRINGS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ours(text)["input_ids"], text
+    prompt = ours(ours.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, tokenize=False))["input_ids"]
+    with torch.no_grad():
+        expected = exported.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):]
+    generated = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        generated.append(token)
+        if len(generated) == len(expected):
+            break
+    assert generated == expected.tolist()

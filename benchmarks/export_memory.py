@@ -1,11 +1,12 @@
-"""Peak memory of a merged export: qsvd's shard-by-shard merge against PEFT's merge_and_unload.
+"""Peak memory of a merged export: qsvd's shard-by-shard merge (and GGUF export) against PEFT's merge_and_unload.
 
 One 4-bit edora run (1 step) on a Llama-architecture checkpoint with random weights (bf16
 safetensors: TinyLlama-1.1B's shape with SmolLM2's vocabulary, or 0.3B with --quick) is exported as a PEFT DoRA adapter;
 then, each in a fresh process, the same adapter is merged into the original bf16 weights:
 - peer (PEFT): `from_pretrained` (bf16) → `PeftModel.from_pretrained` → `merge_and_unload` →
   `save_pretrained`, which holds the whole 16-bit model;
-- qsvd: `qsvd export --format merged --dtype bf16`, at the default 1 GB shards and at 256 MB.
+- qsvd: `qsvd export --format merged --dtype bf16`, at the default 1 GB shards and at 256 MB, and
+  `qsvd export --format gguf` (f16), which writes one tensor at a time.
 Peak memory is the process's peak RSS (VmHWM); "imports" is its RSS before any work. The two
 merged checkpoints are compared tensor by tensor. The last line printed is one JSON object.
 
@@ -71,6 +72,9 @@ def child(args) -> None:
     start = time.perf_counter()
     if args.child == "peft":
         merge_with_peft(args.model, args.adapter, args.output)
+    elif args.child.startswith("gguf-"):
+        qsvd.export(args.run, f"{args.output}.gguf", format="gguf", gguf_type=args.child.removeprefix("gguf-"),
+                    overwrite=True)
     else:
         qsvd.export(args.run, args.output, format="merged", dtype="bf16", shard_size=args.child, overwrite=True)
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": status_mb("VmHWM"), "baseline_mb": baseline}))
@@ -120,26 +124,28 @@ def main() -> None:
         write_random_llama(model, SHAPES["quick" if args.quick else "full"] | {"vocab_size": VOCAB})
         params = parameter_count(model)
         make_run(model, work)
-        figures = {who: measure(who, work, model) for who in ("peft", "1GB", SMALL_SHARDS)}
+        figures = {who: measure(who, work, model) for who in ("peft", "1GB", SMALL_SHARDS, "gguf-f16")}
         gap, scale = largest_difference(work / "merged-1GB", work / "merged-peft")
 
     model_mb = params * 2 / 2**20
     print(f"\n{params / 1e9:.2f}B-parameter Llama, bf16 model {model_mb:,.0f} MB; edora rank 16 merged into the original weights")
     print(f"{'path':<42}{'peak RSS MB':>12}{'(imports MB)':>14}{'work / model':>14}{'seconds':>10}")
     names = {"peft": "PEFT: load + merge_and_unload + save", "1GB": "qsvd export --format merged (1GB shards)",
-             SMALL_SHARDS: f"qsvd export, --shard-size {SMALL_SHARDS}"}
+             SMALL_SHARDS: f"qsvd export, --shard-size {SMALL_SHARDS}", "gguf-f16": "qsvd export --format gguf (f16)"}
     for who, name in names.items():
         f = figures[who]
         print(f"{name:<42}{f['peak_mb']:>12,.0f}{f['baseline_mb']:>14,.0f}"
               f"{(f['peak_mb'] - f['baseline_mb']) / model_mb:>14.2f}{f['seconds']:>10.1f}")
     print(f"largest |qsvd − PEFT| over all merged weights: {gap:.3g} (largest |weight| {scale:.3g})")
-    peer, ours, small = figures["peft"], figures["1GB"], figures[SMALL_SHARDS]
+    peer, ours, small, gguf = figures["peft"], figures["1GB"], figures[SMALL_SHARDS], figures["gguf-f16"]
     print(json.dumps({"params": params, "model_mb": round(model_mb),
                       "qsvd_peak_mb": round(ours["peak_mb"]), "qsvd_small_shards_peak_mb": round(small["peak_mb"]),
                       "peer_peak_mb": round(peer["peak_mb"]),
                       "mem_ratio": round(ours["peak_mb"] / peer["peak_mb"], 3),
                       "small_shards_mem_ratio": round(small["peak_mb"] / peer["peak_mb"], 3),
                       "time_ratio": round(ours["seconds"] / peer["seconds"], 3),
+                      "gguf_peak_mb": round(gguf["peak_mb"]), "gguf_mem_ratio": round(gguf["peak_mb"] / peer["peak_mb"], 3),
+                      "gguf_time_ratio": round(gguf["seconds"] / peer["seconds"], 3),
                       "max_weight_gap": gap}))
 
 

@@ -28,8 +28,8 @@ from . import __version__, quantize
 from .config import parse_size
 from .console import console
 from .errors import QSVDError
-from .export_gguf import GGUF_TYPES, gguf_architecture, modelfile, read_vocabulary, write_atomically, write_gguf
-from .load import ModelFiles, atomic_dir, empty_model, open_weights, read_config, read_tokenizer
+from .export_gguf import ARCHITECTURES, GGUF_TYPES, gguf_architecture, modelfile, read_vocabulary, write_gguf
+from .load import ModelFiles, atomic_dir, atomic_file, empty_model, open_weights, read_config, read_tokenizer
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
 from .run import Run, check_output, read_run
@@ -241,9 +241,16 @@ def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, up
     front_matter = (f"---\nbase_model: {base_model_name(run, files)}\n"
                     f"library_name: {'peft' if format == 'peft' else 'transformers'}\n"
                     f"tags:\n- qsvd\n- {run.spec.method}\n---\n")
+    local = ""
+    if read_config(files.config_dir, run.trust_remote_code).model_type in ARCHITECTURES:
+        gguf = run.path.with_name(f"{run.path.name}-q8_0.gguf")
+        local = (f"\n## Run it locally: llama.cpp, Ollama, LM Studio\n\n```bash\n"
+                 f"qsvd export {run.path} --format gguf --gguf-type q8_0   # {gguf.name} and "
+                 f"{gguf.with_suffix('.Modelfile').name}\n"
+                 f"ollama create {run.path.name} -f {gguf.with_suffix('.Modelfile')} && ollama run {run.path.name}\n```\n")
     (output / "README.md").write_text(
         f"{front_matter}\n# {run.spec.method} fine-tune of {run.model}\n\nTrained with qsvd (run {run.path.name}).\n\n"
-        f"| | |\n|---|---|\n{table}\n{note}\n## Load\n\n```python\n{load}\n```\n")
+        f"| | |\n|---|---|\n{table}\n{note}\n## Load\n\n```python\n{load}\n```\n{local}")
 
 
 def write_gguf_export(output: Path, run: Run, files: ModelFiles, model: torch.nn.Module,
@@ -255,11 +262,10 @@ def write_gguf_export(output: Path, run: Run, files: ModelFiles, model: torch.nn
     tokenizer = read_tokenizer(files.config_dir, run.trust_remote_code)
     read_merged = merged_reader(run, files, model, updates, base)
     name = f"{run.spec.method} fine-tune of {run.model}"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(output, lambda tmp: write_gguf(tmp, model, architecture, vocabulary, files,
-                                                    checkpoint_names(model), read_merged, gguf_type, name))
+    atomic_file(output, lambda tmp: write_gguf(tmp, model, architecture, vocabulary, files,
+                                               checkpoint_names(model), read_merged, gguf_type, name))
     text = modelfile(output, tokenizer.chat_template, tokenizer.eos_token)
-    write_atomically(output.with_suffix(".Modelfile"), lambda tmp: tmp.write_text(text))
+    atomic_file(output.with_suffix(".Modelfile"), lambda tmp: tmp.write_text(text))
 
 
 def check_gguf_output(output: Path, overwrite: bool) -> None:

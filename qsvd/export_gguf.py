@@ -13,7 +13,6 @@ turn, so one tensor (and its converted copy) is in memory at a time.
 """
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -273,13 +272,3 @@ def modelfile(gguf_file: Path, chat_template: str | None, eos_token: str | None)
                         "one in the GGUF's metadata")
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
     return "\n".join(lines) + "\n"
-
-
-def write_atomically(target: Path, write) -> None:
-    """`write(tmp)` to a temporary name beside `target`, then renamed to it: never half a file."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)

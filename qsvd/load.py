@@ -73,16 +73,9 @@ def embedded_gguf() -> Path:
 
 
 def atomic_dir(target: Path, write) -> Path:
-    """Run `write(tmp_dir)`, then rename tmp_dir to `target`: readers never see half a directory.
-
-    The temp dir's name carries the writer's host and pid, so that one left by a killed writer on
-    this host is removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname().replace(".", "_")
-    for stale in target.parent.glob(f".{target.name}.*.{host}-*.tmp"):
-        if not pid_alive(int(stale.name.rsplit("-", 1)[-1].removesuffix(".tmp"))):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=f".{host}-{os.getpid()}.tmp", dir=target.parent))
+    """Run `write(tmp_dir)`, then rename tmp_dir to `target`: readers never see half a directory."""
+    remove_stale_temps(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=temp_suffix(), dir=target.parent))
     try:
         write(tmp)
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from other users
@@ -92,6 +85,32 @@ def atomic_dir(target: Path, write) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def atomic_file(target: Path, write) -> Path:
+    """Run `write(tmp_file)`, then rename it to `target`: readers never see half a file."""
+    remove_stale_temps(target)
+    tmp = target.with_name(f".{target.name}.file{temp_suffix()}")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def temp_suffix() -> str:
+    """A temporary name's end: the writer's host and pid, so that what a killed writer left is found."""
+    return f".{socket.gethostname().replace('.', '_')}-{os.getpid()}.tmp"
+
+
+def remove_stale_temps(target: Path) -> None:
+    """Make target's parent, and remove the temporary copies of `target` whose writer on this host is gone."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname().replace(".", "_")
+    for stale in target.parent.glob(f".{target.name}.*.{host}-*.tmp"):
+        if not pid_alive(int(stale.name.rsplit("-", 1)[-1].removesuffix(".tmp"))):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 def file_sha256(path: Path) -> str:

@@ -111,7 +111,9 @@ def test_adapter_card_records_the_run(tiny_model_dir, tmp_path):
     assert card.startswith(f"---\nbase_model: {tiny_model_dir}\nlibrary_name: peft\n")
     for expected in ("| method | milora:", "| rank | 4 (alpha 4, s = 1) |", "| frozen base in training | 4-bit NF4 |",
                      "| data | built-in arithmetic word problems |", "| steps | 2 × batch 4", "| final training loss |",
-                     "| eval: dev | gen: accuracy", "rank-8 PEFT LoRA adapter", "PeftModel.from_pretrained(base, "):
+                     "| eval: dev | gen: accuracy", "rank-8 PEFT LoRA adapter", "PeftModel.from_pretrained(base, ",
+                     f"qsvd export {tmp_path / 'run'} --format gguf --gguf-type q8_0",
+                     f"ollama create run -f {tmp_path / 'run-q8_0.Modelfile'} && ollama run run"):
         assert expected in card
 
 

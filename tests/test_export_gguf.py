@@ -3,7 +3,7 @@ file back (`gguf_file=`), its tokenizer must give the run's token ids and its lo
 `--format merged` export; llama-cpp-python, where it is installed, must generate the same tokens."""
 
 import json
-import math
+import socket
 from pathlib import Path
 
 import gguf
@@ -158,8 +158,8 @@ def test_llama_cpp_reads_the_tokenizer_and_generates_transformers_tokens(run):
     assert not mismatched
     prompt = ours(STRINGS[0])["input_ids"]
     with torch.no_grad():
-        expected = load(path.parent, path.name).generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
-                                                         min_new_tokens=12)[0, len(prompt):].tolist()
+        expected = load(path.parent, path.name).generate(torch.tensor([prompt]), max_new_tokens=12,
+                                                         do_sample=False)[0, len(prompt):].tolist()
     generated = []
     for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
         generated.append(token)
@@ -208,6 +208,29 @@ def test_modelfile_and_cli(run):
                           (["--gguf-type", "q4_k"], "Invalid value for '--gguf-type'")]:
         result = CliRunner().invoke(cli, ["export", str(root / "run"), "--format", "gguf", *args])
         assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize("run", ["qwen2"], indirect=True)
+def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(run, monkeypatch):
+    _, root, _ = run
+    path = qsvd.export(root / "run", root / "kept" / "tiny.gguf", format="gguf")
+    before = path.read_bytes()
+    stale = path.with_name(f".tiny.gguf.file.{socket.gethostname().replace('.', '_')}-{2**22 + 1}.tmp")
+    stale.write_bytes(b"left by a killed export")
+    written = []
+
+    def fail_on_the_third(data, qtype):
+        written.append(qtype)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        return quantize(data, qtype)
+
+    quantize = gguf.quants.quantize
+    monkeypatch.setattr(gguf.quants, "quantize", fail_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        qsvd.export(root / "run", path, format="gguf", gguf_type="q8_0", overwrite=True)
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["tiny.Modelfile",
+                                                                                            "tiny.gguf"]
 
 
 def test_unsupported_architecture_and_tokenizer_are_refused_before_any_work(tiny_model_dir, tmp_path):

@@ -1,0 +1,126 @@
+"""GGUF export of a SmolLM2-135M-Instruct run: time, peak memory and fidelity, beside the peer's merge.
+
+One 4-bit edora run (rank 16, 2 steps) on the embedded model (as bf16 safetensors, which both stacks
+read) is exported, each export in a fresh process:
+- peer (PEFT): `from_pretrained` → `PeftModel.from_pretrained` → `merge_and_unload` → `save_pretrained`,
+  the step before llama.cpp's converter (PEFT writes no GGUF);
+- qsvd: `--format merged` (bf16), and `--format gguf` at f16 and q8_0.
+Peak memory is the process's peak RSS (VmHWM). Fidelity: each GGUF, loaded back by transformers
+(`gguf_file=`, float32), against the fp32 merge into the same original weights, on held-out prompts:
+mean KL per token, top-1 agreement, largest |Δ log-probability|. Where llama-cpp-python
+is installed, llama.cpp's greedy tokens are compared with transformers' on the f16 file.
+The last line printed is one JSON object.
+
+    python benchmarks/export_gguf.py [--workdir DIR]
+"""
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from export_fidelity import compare, distributions, prompt_batch
+from export_memory import measure
+from peers import write_smollm2
+
+GGUF_TYPES = ("f16", "q8_0")
+
+
+def llama_cpp_agreement(gguf: Path, transformers_model, prompt: list[int], tokens: int = 32) -> dict | None:
+    """llama.cpp against transformers on the same file: how many of transformers' greedy tokens (at most
+    `tokens`, to the end of the answer) llama.cpp generates before the first difference, and, fed transformers' greedy sequence, the share of positions where their next
+    tokens agree (None without llama-cpp-python)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import numpy as np
+    import torch
+
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, verbose=False)
+    with torch.no_grad():  # greedy up to `tokens`, or to the end of the answer
+        sequence = transformers_model.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False)
+        expected = transformers_model(sequence).logits[0].argmax(-1).numpy()
+    answer = sequence[0, len(prompt):].tolist()
+    generated = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        generated.append(token)
+        if len(generated) == len(answer):
+            break
+    same = next((i for i, (a, b) in enumerate(zip(generated, answer)) if a != b), len(answer))
+    llm.reset()
+    llm.eval(sequence[0].tolist())
+    theirs = np.asarray(llm.scores[:sequence.shape[1]]).argmax(-1)
+    return {"greedy_prefix": same, "greedy_tokens": len(answer), "next_token_agreement": float((theirs == expected).mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", help="where to keep the model, run and exports; default: a temp dir")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import qsvd
+    from qsvd.load import load_tokenizer, resolve_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.workdir or tmp)
+        os.environ["QSVD_CACHE"] = str(work / "cache")
+        model_dir = work / "smollm2"
+        write_smollm2(model_dir)
+        if not (work / "run").is_dir():
+            qsvd.finetune(model=str(model_dir), method="edora", bits=4, rank=16, max_steps=2, batch_size=2,
+                          seq_len=256, output=str(work / "run"))
+        qsvd.export(work / "run", work / "peft", overwrite=True)
+        figures = {who: measure(who, work, model_dir) for who in ("peft", "1GB", *(f"gguf-{t}" for t in GGUF_TYPES))}
+
+        tokenizer = load_tokenizer(resolve_model(str(model_dir)))
+        batch = prompt_batch(tokenizer)
+        full = qsvd.export(work / "run", work / "merged-fp32", format="merged", dtype="fp32", overwrite=True)
+        reference = distributions(AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32), batch)
+        fidelity, agreement = {}, None
+        for gguf_type in GGUF_TYPES:
+            path = work / f"merged-gguf-{gguf_type}.gguf"
+            model = AutoModelForCausalLM.from_pretrained(work, gguf_file=path.name, dtype=torch.float32).eval()
+            fidelity[gguf_type] = compare(reference, distributions(model, batch))
+            fidelity[gguf_type]["size_mb"] = path.stat().st_size / 2**20
+            if gguf_type == "f16":
+                agreement = llama_cpp_agreement(path, model, tokenizer(tokenizer.apply_chat_template(
+                    [{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True,
+                    tokenize=False))["input_ids"])
+            del model
+
+    peer = figures["peft"]
+    print("\nSmolLM2-135M-Instruct, edora rank 16 (2 steps) merged into the original weights")
+    print(f"{'path':<44}{'peak RSS MB':>12}{'seconds':>10}{'peak / peer':>13}")
+    names = {"peft": "PEFT: load + merge_and_unload + save (bf16)", "1GB": "qsvd export --format merged (bf16)",
+             **{f"gguf-{t}": f"qsvd export --format gguf --gguf-type {t}" for t in GGUF_TYPES}}
+    for who, name in names.items():
+        f = figures[who]
+        print(f"{name:<44}{f['peak_mb']:>12,.0f}{f['seconds']:>10.1f}{f['peak_mb'] / peer['peak_mb']:>13.3f}")
+    print(f"\n{'GGUF (read by transformers)':<30}{'MB':>8}{'KL':>11}{'top-1':>8}{'max |Δ log p|':>15}")
+    for gguf_type, f in fidelity.items():
+        print(f"{gguf_type:<30}{f['size_mb']:>8.1f}{f['kl']:>11.2e}{100 * f['top1']:>7.1f}%{f['max_gap']:>15.4f}")
+    if agreement is not None:
+        print(f"llama.cpp on the f16 file: its greedy tokens are transformers' for the first {agreement['greedy_prefix']}"
+              f" of {agreement['greedy_tokens']}; fed transformers' sequence, the same next token at "
+              f"{100 * agreement['next_token_agreement']:.1f}% of positions")
+    summary = {"peer_peak_mb": round(peer["peak_mb"]), "peer_s": round(peer["seconds"], 2),
+               "merged_peak_mb": round(figures["1GB"]["peak_mb"])}
+    for gguf_type in GGUF_TYPES:
+        f = figures[f"gguf-{gguf_type}"]
+        summary |= {f"{gguf_type}_peak_mb": round(f["peak_mb"]), f"{gguf_type}_s": round(f["seconds"], 2),
+                    f"{gguf_type}_mem_ratio": round(f["peak_mb"] / peer["peak_mb"], 3),
+                    f"{gguf_type}_time_ratio": round(f["seconds"] / peer["seconds"], 3),
+                    f"{gguf_type}_kl": float(f"{fidelity[gguf_type]['kl']:.3g}"),
+                    f"{gguf_type}_top1": round(fidelity[gguf_type]["top1"], 4),
+                    f"{gguf_type}_max_logp_gap": round(fidelity[gguf_type]["max_gap"], 4)}
+    summary["llama_cpp"] = agreement
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

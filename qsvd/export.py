@@ -271,6 +271,8 @@ def write_gguf_export(output: Path, run: Run, files: ModelFiles, model: torch.nn
 def check_gguf_output(output: Path, overwrite: bool) -> None:
     if output.suffix != ".gguf":
         raise QSVDError(f"--output {output}: a GGUF export is one file, named *.gguf")
+    if any(parent.exists() and not parent.is_dir() for parent in output.parents):
+        raise QSVDError(f"--output {output}: a folder on its path is a file")
     for path in (output, output.with_suffix(".Modelfile")):
         if path.is_dir() or (path.exists() and not overwrite):
             raise QSVDError(f"{path} already exists; choose another --output or pass --overwrite")

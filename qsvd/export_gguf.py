@@ -23,7 +23,7 @@ from rich.progress import track
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .console import console
-from .errors import QSVDError
+from .errors import QSVDError, first_line
 from .load import ModelFiles, read_tokenizer
 
 GGUF_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
@@ -93,7 +93,10 @@ def read_vocabulary(files: ModelFiles, vocab_size: int) -> Vocabulary | None:
         raise QSVDError(f"GGUF export needs the model's tokenizer.json (a fast tokenizer); "
                         f"{path} is missing or unreadable") from None
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        vocab = gguf.vocab.LlamaHfVocab(files.config_dir)
+        try:
+            vocab = gguf.vocab.LlamaHfVocab(files.config_dir)
+        except (FileNotFoundError, TypeError, ValueError) as error:  # its ways of saying "not this kind"
+            raise QSVDError(f"{path}: gguf reads no sentencepiece-style vocabulary from it ({first_line(error)})") from None
         tokens, scores, types = zip(*((text.decode(), score, int(kind)) for text, score, kind in vocab.all_tokens()))
         return pad_vocabulary(Vocabulary("llama", None, list(tokens), list(scores), list(types)), vocab_size)
     if model.get("type") == "BPE" and (tokenizer_json.get("decoder") or {}).get("type") == "ByteLevel":

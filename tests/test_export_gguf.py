@@ -3,6 +3,7 @@ file back (`gguf_file=`), its tokenizer must give the run's token ids and its lo
 `--format merged` export; llama-cpp-python, where it is installed, must generate the same tokens."""
 
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -16,6 +17,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 import qsvd
 from qsvd.cli import cli
+from qsvd.errors import QSVDError
+from qsvd.export import checkpoint_names
+from qsvd.export_gguf import plan_tensors, read_vocabulary
+from qsvd.load import ModelFiles
 
 CORPUS = ["Ava has 3 apples. Bob gives her 12 more. How many apples does Ava have now? She has 15.",
           "The quick brown fox jumps over the lazy dog, and 2024 dogs watch it: 'I'll be back', they say."] * 8
@@ -239,3 +244,38 @@ def test_unsupported_architecture_and_tokenizer_are_refused_before_any_work(tiny
     result = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), "--format", "gguf"])
     assert result.exit_code == 2 and "a WordLevel tokenizer cannot be written to GGUF" in result.output
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
+
+
+DAMAGES = {
+    "truncated": (lambda text: text[: len(text) // 2], "tokenizer.json (a fast tokenizer)"),
+    "empty": (lambda text: "", "is missing or unreadable"),
+    "wordpiece": (lambda text: json.dumps(json.loads(text) | {"model": {"type": "WordPiece", "vocab": {}}}),
+                  "a WordPiece tokenizer cannot be written to GGUF"),
+    "unknown pre-tokenizer": (lambda text: json.dumps(json.loads(text) | {"pre_tokenizer": None}),
+                              "llama.cpp knows no pre-tokenizer like this one"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_or_foreign_tokenizer_is_refused_by_name(damage, tmp_path):
+    model, tokenizer = tiny("qwen2")
+    tokenizer.save_pretrained(tmp_path)
+    edit, message = DAMAGES[damage]
+    (tmp_path / "tokenizer.json").write_text(edit((tmp_path / "tokenizer.json").read_text()))
+    with pytest.raises(QSVDError, match=re.escape(message)):
+        read_vocabulary(ModelFiles(tmp_path, ()), model.config.vocab_size)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    qwen2_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(QSVDError, match="has 303 tokens but the model's embedding only 100 rows"):
+        read_vocabulary(ModelFiles(tmp_path, ()), 100)
+
+
+def test_q8_0_keeps_rows_that_are_no_multiple_of_32_in_f16():
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**SIZES | {"hidden_size": 48, "num_attention_heads": 3,
+                                                        "num_key_value_heads": 3}, vocab_size=64))
+    types = {plan.gguf_name: plan.type.name for plan in plan_tensors(model, checkpoint_names(model), "llama", "q8_0")}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 48, 128
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["output.weight"] == "F16"

@@ -29,8 +29,9 @@ GGUF_TYPES = ("f16", "q8_0")
 
 def llama_cpp_agreement(gguf: Path, transformers_model, prompt: list[int], tokens: int = 32) -> dict | None:
     """llama.cpp against transformers on the same file: how many of transformers' greedy tokens (at most
-    `tokens`, to the end of the answer) llama.cpp generates before the first difference, and, fed transformers' greedy sequence, the share of positions where their next
-    tokens agree (None without llama-cpp-python)."""
+    `tokens`, to the end of the answer) llama.cpp generates before the first difference, and, fed
+    transformers' greedy sequence, the share of positions where their next tokens agree (None without
+    llama-cpp-python)."""
     try:
         import llama_cpp
     except ImportError:
@@ -52,7 +53,8 @@ def llama_cpp_agreement(gguf: Path, transformers_model, prompt: list[int], token
     llm.reset()
     llm.eval(sequence[0].tolist())
     theirs = np.asarray(llm.scores[:sequence.shape[1]]).argmax(-1)
-    return {"greedy_prefix": same, "greedy_tokens": len(answer), "next_token_agreement": float((theirs == expected).mean())}
+    return {"greedy_prefix": same, "greedy_tokens": len(answer),
+            "next_token_agreement": float((theirs == expected).mean())}
 
 
 def main() -> None:
@@ -105,8 +107,8 @@ def main() -> None:
     for gguf_type, f in fidelity.items():
         print(f"{gguf_type:<30}{f['size_mb']:>8.1f}{f['kl']:>11.2e}{100 * f['top1']:>7.1f}%{f['max_gap']:>15.4f}")
     if agreement is not None:
-        print(f"llama.cpp on the f16 file: its greedy tokens are transformers' for the first {agreement['greedy_prefix']}"
-              f" of {agreement['greedy_tokens']}; fed transformers' sequence, the same next token at "
+        print(f"llama.cpp on the f16 file: its greedy tokens are transformers' for the first "
+              f"{agreement['greedy_prefix']} of {agreement['greedy_tokens']}; fed transformers' sequence, the same next token at "
               f"{100 * agreement['next_token_agreement']:.1f}% of positions")
     summary = {"peer_peak_mb": round(peer["peak_mb"]), "peer_s": round(peer["seconds"], 2),
                "merged_peak_mb": round(figures["1GB"]["peak_mb"])}

@@ -144,7 +144,8 @@ def main() -> None:
                       "mem_ratio": round(ours["peak_mb"] / peer["peak_mb"], 3),
                       "small_shards_mem_ratio": round(small["peak_mb"] / peer["peak_mb"], 3),
                       "time_ratio": round(ours["seconds"] / peer["seconds"], 3),
-                      "gguf_peak_mb": round(gguf["peak_mb"]), "gguf_mem_ratio": round(gguf["peak_mb"] / peer["peak_mb"], 3),
+                      "gguf_peak_mb": round(gguf["peak_mb"]),
+                      "gguf_mem_ratio": round(gguf["peak_mb"] / peer["peak_mb"], 3),
                       "gguf_time_ratio": round(gguf["seconds"] / peer["seconds"], 3),
                       "max_weight_gap": gap}))
 

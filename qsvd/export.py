@@ -28,7 +28,8 @@ from . import __version__, quantize
 from .config import parse_size
 from .console import console
 from .errors import QSVDError
-from .export_gguf import ARCHITECTURES, GGUF_TYPES, gguf_architecture, modelfile, read_vocabulary, write_gguf
+from .export_gguf import (ARCHITECTURES, GGUF_TYPES, Vocabulary, gguf_architecture, modelfile, read_vocabulary,
+                          write_gguf)
 from .load import ModelFiles, atomic_dir, atomic_file, empty_model, open_weights, read_config, read_tokenizer
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
@@ -243,22 +244,20 @@ def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, up
                     f"tags:\n- qsvd\n- {run.spec.method}\n---\n")
     local = ""
     if read_config(files.config_dir, run.trust_remote_code).model_type in ARCHITECTURES:
-        gguf = run.path.with_name(f"{run.path.name}-q8_0.gguf")
+        gguf, name = run.path.with_name(f"{run.path.name}-q8_0.gguf"), run.path.name
         local = (f"\n## Run it locally: llama.cpp, Ollama, LM Studio\n\n```bash\n"
                  f"qsvd export {run.path} --format gguf --gguf-type q8_0   # {gguf.name} and "
                  f"{gguf.with_suffix('.Modelfile').name}\n"
-                 f"ollama create {run.path.name} -f {gguf.with_suffix('.Modelfile')} && ollama run {run.path.name}\n```\n")
+                 f"ollama create {name} -f {gguf.with_suffix('.Modelfile')} && ollama run {name}\n```\n")
     (output / "README.md").write_text(
         f"{front_matter}\n# {run.spec.method} fine-tune of {run.model}\n\nTrained with qsvd (run {run.path.name}).\n\n"
         f"| | |\n|---|---|\n{table}\n{note}\n## Load\n\n```python\n{load}\n```\n{local}")
 
 
-def write_gguf_export(output: Path, run: Run, files: ModelFiles, model: torch.nn.Module,
+def write_gguf_export(output: Path, run: Run, files: ModelFiles, model: torch.nn.Module, vocabulary: Vocabulary | None,
                       updates: dict[str, LoraUpdate], base: str, gguf_type: str) -> None:
-    """The merged model as one GGUF file, and an Ollama Modelfile beside it; each appears in one rename.
-    The architecture and tokenizer are checked before any tensor is read."""
+    """The merged model as one GGUF file, and an Ollama Modelfile beside it; each appears in one rename."""
     architecture = gguf_architecture(model.config)
-    vocabulary = read_vocabulary(files, model.config.vocab_size)
     tokenizer = read_tokenizer(files.config_dir, run.trust_remote_code)
     read_merged = merged_reader(run, files, model, updates, base)
     name = f"{run.spec.method} fine-tune of {run.model}"
@@ -305,6 +304,9 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
         check_output(output, overwrite)
     files = run.model_files()
     model = empty_model(files, run.trust_remote_code)
+    if format == "gguf":  # what GGUF cannot hold is refused before any tensor is read
+        gguf_architecture(model.config)
+        vocabulary = read_vocabulary(files, model.config.vocab_size)
     updates = lora_updates(run, model)
 
     def write(tmp: Path) -> None:
@@ -315,7 +317,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
         write_card(tmp, output, run, files, updates, format, base, dtype)
 
     if format == "gguf":
-        write_gguf_export(output, run, files, model, updates, base, gguf_type)
+        write_gguf_export(output, run, files, model, vocabulary, updates, base, gguf_type)
     else:
         atomic_dir(output, write)
     console.print(f"exported {run.path} ({run.spec.method}) as {format} to {output}")

@@ -96,7 +96,8 @@ def read_vocabulary(files: ModelFiles, vocab_size: int) -> Vocabulary | None:
         try:
             vocab = gguf.vocab.LlamaHfVocab(files.config_dir)
         except (FileNotFoundError, TypeError, ValueError) as error:  # its ways of saying "not this kind"
-            raise QSVDError(f"{path}: gguf reads no sentencepiece-style vocabulary from it ({first_line(error)})") from None
+            raise QSVDError(f"{path}: gguf reads no sentencepiece-style vocabulary from it "
+                            f"({first_line(error)})") from None
         tokens, scores, types = zip(*((text.decode(), score, int(kind)) for text, score, kind in vocab.all_tokens()))
         return pad_vocabulary(Vocabulary("llama", None, list(tokens), list(scores), list(types)), vocab_size)
     if model.get("type") == "BPE" and (tokenizer_json.get("decoder") or {}).get("type") == "ByteLevel":

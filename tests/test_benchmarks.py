@@ -66,6 +66,15 @@ def test_export_memory_quick_merges_like_peft_in_less_memory(tmp_path):
     figures = last_json_line([BENCHMARKS / "export_memory.py", "--quick"], tmp_path)
     assert figures["max_weight_gap"] < 1e-2  # the same merged weights as PEFT's, up to bf16 rounding
     assert 0 < figures["small_shards_mem_ratio"] <= figures["mem_ratio"] and figures["time_ratio"] > 0
+    assert 0 < figures["gguf_mem_ratio"] < 1  # one tensor at a time, against PEFT's whole model
+
+
+@pytest.mark.slow
+def test_export_gguf_measures_memory_and_fidelity_beside_peft(tmp_path):
+    figures = last_json_line([BENCHMARKS / "export_gguf.py"], tmp_path)
+    assert figures["f16_kl"] < 1e-4 and figures["f16_top1"] > 0.99  # f16 rounding only
+    assert figures["q8_0_kl"] < 1e-2 and figures["q8_0_top1"] > 0.9
+    assert 0 < figures["f16_mem_ratio"] < 1 and 0 < figures["q8_0_mem_ratio"] < 1
 
 
 @pytest.mark.slow

@@ -13,18 +13,20 @@ import torch
 from click.testing import CliRunner
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer)
+                          MistralForCausalLM, Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen2Tokenizer)
 
 import qsvd
 from qsvd.cli import cli
 from qsvd.errors import QSVDError
 from qsvd.export import checkpoint_names
-from qsvd.export_gguf import plan_tensors, read_vocabulary
+from qsvd.export_gguf import gguf_architecture, plan_tensors, read_vocabulary
 from qsvd.load import ModelFiles
 
 CORPUS = ["Ava has 3 apples. Bob gives her 12 more. How many apples does Ava have now? She has 15.",
           "The quick brown fox jumps over the lazy dog, and 2024 dogs watch it: 'I'll be back', they say."] * 8
-STRINGS = ["Ava has 3 apples.", " leading space and  two spaces", "numbers 12345 and 3.14", "naïve café — ünïcödé ✅",
+STRINGS = ["Ava has 3 apples.", " leading space and  two spaces", "numbers 12345 and 3.14",
+           "naïve café — ünïcödé ✅",
            "tabs\tand\nnew lines\n\n", "<|im_start|>user\nhi<|im_end|>", "", "'re 've 'll I'M"]
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -58,7 +60,8 @@ def qwen2_tokenizer() -> Qwen2Tokenizer:
 
 
 def llama_tokenizer() -> PreTrainedTokenizerFast:
-    """Llama 2's tokenizer.json pipeline (sentencepiece's: a space before the text, spaces as ▁), on a small vocabulary."""
+    """Llama 2's tokenizer.json pipeline (sentencepiece's: a space before the text, spaces as ▁), on a small
+    vocabulary."""
     tokenizer = Tokenizer(models.BPE(**train_bpe(False, 330, ["<unk>", "<s>", "</s>"]), byte_fallback=True,
                                      unk_token="<unk>", fuse_unk=True))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -78,7 +81,8 @@ def tiny(kind: str):
         model = Qwen2ForCausalLM(config)
     else:
         tokenizer = llama_tokenizer()
-        config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (MistralConfig, MistralForCausalLM)
+        config_cls, model_cls = ((LlamaConfig, LlamaForCausalLM) if kind == "llama" else
+                                 (MistralConfig, MistralForCausalLM))
         config = config_cls(**SIZES, vocab_size=336, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
         model = model_cls(config)
     for name, param in model.named_parameters():
@@ -159,8 +163,8 @@ def test_llama_cpp_reads_the_tokenizer_and_generates_transformers_tokens(run):
     path = qsvd.export(root / "run", root / "llama-cpp" / "tiny.gguf", format="gguf", overwrite=True)
     ours = AutoTokenizer.from_pretrained(root / "model")
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, seed=0, verbose=False)
-    mismatched = [text for text in STRINGS if llm.tokenize(text.encode(), add_bos=True, special=True) != ours(text)["input_ids"]]
-    assert not mismatched
+    for text in STRINGS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ours(text)["input_ids"], text
     prompt = ours(STRINGS[0])["input_ids"]
     with torch.no_grad():
         expected = load(path.parent, path.name).generate(torch.tensor([prompt]), max_new_tokens=12,
@@ -238,7 +242,18 @@ def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(run, monkeyp
                                                                                             "tiny.gguf"]
 
 
-def test_unsupported_architecture_and_tokenizer_are_refused_before_any_work(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("config, message", [
+    (Phi3Config(), "GGUF export supports llama, mistral, qwen2 models; this one is 'phi3'"),
+    (LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+     "GGUF export does not write 'llama3' rope scaling yet"),
+])
+def test_an_architecture_gguf_export_does_not_write_is_refused_by_name(config, message):
+    with pytest.raises(QSVDError, match=re.escape(message)):
+        gguf_architecture(config)
+
+
+def test_a_tokenizer_gguf_cannot_hold_is_refused_before_any_work(tiny_model_dir, tmp_path):
     qsvd.finetune(model=str(tiny_model_dir), method="lora", bits=16, rank=4, max_steps=1, seq_len=400, batch_size=2,
                   output=str(tmp_path / "run"))
     result = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), "--format", "gguf"])

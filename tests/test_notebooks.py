@@ -33,6 +33,7 @@ def test_colab_quickstart_plans_trains_evaluates_and_exports(tmp_path):
     assert "fits: yes" in text and "trainable params: 209,280" in text
     assert "on 4 held-out problems" in text
     assert "['README.md', 'adapter_config.json', 'adapter_model.safetensors']" in text
+    assert "quickstart-q8_0.gguf: 138 MB" in text and "FROM ./quickstart-q8_0.gguf" in text
     assert (tmp_path / "runs" / "quickstart" / "adapter.safetensors").is_file()
 
 

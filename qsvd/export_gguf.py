@@ -146,12 +146,11 @@ def pad_vocabulary(vocabulary: Vocabulary, vocab_size: int) -> Vocabulary:
     return vocabulary
 
 
-def add_hyperparameters(writer: gguf.GGUFWriter, config: PretrainedConfig, gguf_type: str, name: str) -> None:
+def add_hyperparameters(writer: gguf.GGUFWriter, config: PretrainedConfig, name: str) -> None:
     """The architecture's hyperparameters under llama.cpp's keys, as its converter writes them."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
-    writer.add_file_type(FILE_TYPES[gguf_type])
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -242,7 +241,8 @@ def write_gguf(path: Path, model: PreTrainedModel, architecture: str, vocabulary
     config = model.config
     plans = plan_tensors(model, names, architecture, gguf_type)
     writer = gguf.GGUFWriter(path, architecture)
-    add_hyperparameters(writer, config, gguf_type, name)
+    add_hyperparameters(writer, config, name)
+    writer.add_file_type(FILE_TYPES[gguf_type])
     add_tokenizer(writer, files, vocabulary, config.vocab_size)
     for plan in plans:
         writer.add_tensor_info(plan.gguf_name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.type)

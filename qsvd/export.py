@@ -254,10 +254,9 @@ def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, up
         f"| | |\n|---|---|\n{table}\n{note}\n## Load\n\n```python\n{load}\n```\n{local}")
 
 
-def write_gguf_export(output: Path, run: Run, files: ModelFiles, model: torch.nn.Module, vocabulary: Vocabulary | None,
-                      updates: dict[str, LoraUpdate], base: str, gguf_type: str) -> None:
+def write_gguf_export(output: Path, run: Run, files: ModelFiles, model: torch.nn.Module, architecture: str,
+                      vocabulary: Vocabulary | None, updates: dict[str, LoraUpdate], base: str, gguf_type: str) -> None:
     """The merged model as one GGUF file, and an Ollama Modelfile beside it; each appears in one rename."""
-    architecture = gguf_architecture(model.config)
     tokenizer = read_tokenizer(files.config_dir, run.trust_remote_code)
     read_merged = merged_reader(run, files, model, updates, base)
     name = f"{run.spec.method} fine-tune of {run.model}"
@@ -305,8 +304,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
     files = run.model_files()
     model = empty_model(files, run.trust_remote_code)
     if format == "gguf":  # what GGUF cannot hold is refused before any tensor is read
-        gguf_architecture(model.config)
-        vocabulary = read_vocabulary(files, model.config.vocab_size)
+        architecture, vocabulary = gguf_architecture(model.config), read_vocabulary(files, model.config.vocab_size)
     updates = lora_updates(run, model)
 
     def write(tmp: Path) -> None:
@@ -317,7 +315,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
         write_card(tmp, output, run, files, updates, format, base, dtype)
 
     if format == "gguf":
-        write_gguf_export(output, run, files, model, vocabulary, updates, base, gguf_type)
+        write_gguf_export(output, run, files, model, architecture, vocabulary, updates, base, gguf_type)
     else:
         atomic_dir(output, write)
     console.print(f"exported {run.path} ({run.spec.method}) as {format} to {output}")

@@ -246,15 +246,17 @@ def write_gguf(path: Path, model: PreTrainedModel, architecture: str, vocabulary
     add_tokenizer(writer, files, vocabulary, config.vocab_size)
     for plan in plans:
         writer.add_tensor_info(plan.gguf_name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for plan in track(plans, description=f"merge → {gguf_type}", console=console):
-        value = read_merged(plan.hf_name).float()
-        if architecture in ROTARY_ORDER_ARCHITECTURES:
-            value = rotary_order(value, plan.hf_name, config)
-        writer.write_tensor_data(gguf.quants.quantize(value.numpy(), plan.type))
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for plan in track(plans, description=f"merge → {gguf_type}", console=console):
+            value = read_merged(plan.hf_name).float()
+            if architecture in ROTARY_ORDER_ARCHITECTURES:
+                value = rotary_order(value, plan.hf_name, config)
+            writer.write_tensor_data(gguf.quants.quantize(value.numpy(), plan.type))
+    finally:
+        writer.close()
 
 
 def chat_format(chat_template: str | None) -> str | None:

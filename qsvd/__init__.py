@@ -6,10 +6,13 @@ import logging  # noqa: E402
 import warnings  # noqa: E402
 
 # Notices of bitsandbytes on a CPU that nobody can act on, kept out of qsvd's output: on import, that
-# its optional `kernels` package is missing (it falls back to its own 4-bit kernel); on the first
+# its optional `kernels` package is missing or cannot fetch its hub kernel (it falls back to its own
+# 4-bit kernel), and, offline, `kernels`' own note that it skips the hub's publisher check; on the first
 # step, that paged optimizers page nothing on a CPU (they fall back to the same optimizer, unpaged).
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+KERNELS_HUB_LOGGER = "kernels._internals.hf_hub"
 logging.getLogger(BNB_CPU_LOGGER).setLevel(logging.ERROR)
+logging.getLogger(KERNELS_HUB_LOGGER).setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
 
 from .config import FinetuneConfig  # noqa: E402

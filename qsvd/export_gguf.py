@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from rich.progress import track
 from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .console import console
 from .errors import QSVDError, first_line
@@ -33,6 +34,7 @@ FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.M
 # model_type → llama.cpp's architecture (its converter writes Mistral as llama)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 ROTARY_ORDER_ARCHITECTURES = {"llama"}  # q and k rows permuted to llama.cpp's rotary order
+ROPE_FREQS = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
 ROPE_TYPES = {"default", "linear"}
 # tokenizer.json's pre-tokenizer → llama.cpp's name for it (tokenizer.ggml.pre)
 BYTE_LEVEL_PRE_TOKENIZERS = {
@@ -66,16 +68,19 @@ class Vocabulary:
 
 
 def gguf_architecture(config: PretrainedConfig) -> str:
-    """llama.cpp's name for the model's architecture; any other is refused by name."""
+    """llama.cpp's name for the model's architecture; any other, or a rope scaling it does not take, is
+    refused by name."""
     if config.model_type not in ARCHITECTURES:
         raise QSVDError(f"GGUF export supports {', '.join(ARCHITECTURES)} models; this one is {config.model_type!r}. "
                         f"Export it with --format merged and convert that with llama.cpp's convert_hf_to_gguf.py")
+    architecture = ARCHITECTURES[config.model_type]
+    rope_types = ROPE_TYPES | ({"llama3"} if architecture == "llama" else set())  # its rope_freqs: llama's only
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
-    if rope_type not in ROPE_TYPES:
-        raise QSVDError(f"GGUF export does not write {rope_type!r} rope scaling yet (it writes "
-                        f"{', '.join(sorted(ROPE_TYPES))}); export with --format merged and convert it "
+    if rope_type not in rope_types:
+        raise QSVDError(f"GGUF export does not write {rope_type!r} rope scaling for {config.model_type} yet (it "
+                        f"writes {', '.join(sorted(rope_types))}); export with --format merged and convert it "
                         f"with llama.cpp's convert_hf_to_gguf.py")
-    return ARCHITECTURES[config.model_type]
+    return architecture
 
 
 def read_vocabulary(files: ModelFiles, vocab_size: int) -> Vocabulary | None:
@@ -223,6 +228,18 @@ def plan_tensors(model: PreTrainedModel, names: list[str], architecture: str, gg
     return plans
 
 
+def rope_factors(config: PretrainedConfig) -> np.ndarray | None:
+    """llama.cpp's rope_freqs for Llama 3.1's rope scaling ("llama3"): each default rotary frequency
+    θ^(−2i/d) over the one the model was trained with (transformers' own computation of it)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    trained, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    dim = 2 * trained.numel()
+    default = 1.0 / rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    return (default / trained).float().numpy()
+
+
 def rotary_order(value: torch.Tensor, name: str, config: PretrainedConfig) -> torch.Tensor:
     """llama.cpp's order of q's and k's rows (weight and bias): each head's two rotary halves interleaved."""
     if name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -244,12 +261,17 @@ def write_gguf(path: Path, model: PreTrainedModel, architecture: str, vocabulary
     add_hyperparameters(writer, config, name)
     writer.add_file_type(FILE_TYPES[gguf_type])
     add_tokenizer(writer, files, vocabulary, config.vocab_size)
+    factors = rope_factors(config)
+    if factors is not None:  # first, as llama.cpp's converter writes its generated tensors
+        writer.add_tensor_info(ROPE_FREQS, factors.shape, factors.dtype, factors.nbytes)
     for plan in plans:
         writer.add_tensor_info(plan.gguf_name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.type)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        if factors is not None:
+            writer.write_tensor_data(factors)
         for plan in track(plans, description=f"merge → {gguf_type}", console=console):
             value = read_merged(plan.hf_name).float()
             if architecture in ROTARY_ORDER_ARCHITECTURES:

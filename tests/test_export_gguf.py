@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -30,6 +31,8 @@ STRINGS = ["Ava has 3 apples.", " leading space and  two spaces", "numbers 12345
            "tabs\tand\nnew lines\n\n", "<|im_start|>user\nhi<|im_end|>", "", "'re 've 'll I'M"]
 CHATML = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # Llama 3.1's, at a tiny context
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=512)
 
@@ -178,6 +181,49 @@ def test_llama_cpp_reads_the_tokenizer_and_generates_transformers_tokens(run):
     assert generated == expected
 
 
+@pytest.fixture(scope="module")
+def llama3_rope_export(tmp_path_factory):
+    """A tiny Llama with Llama 3.1's rope scaling, one step of lora, merged (fp32) and as an f16 GGUF."""
+    root = tmp_path_factory.mktemp("llama3-rope")
+    model, tokenizer = tiny("llama")
+    model = LlamaForCausalLM(LlamaConfig(**model.config.to_dict() | {"rope_parameters": LLAMA3_ROPE})).eval()
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("QSVD_CACHE", str(root / "cache"))
+        qsvd.finetune(model=str(root / "model"), method="lora", bits=16, rank=4, max_steps=1, lr=1e-2, seq_len=400,
+                      batch_size=2, output=str(root / "run"))
+        merged = qsvd.export(root / "run", root / "merged", format="merged", dtype="fp32")
+        return merged, qsvd.export(root / "run", root / "run.gguf", format="gguf")
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(llama3_rope_export):
+    merged, path = llama3_rope_export
+    tensors = gguf.GGUFReader(path).tensors
+    assert tensors[0].name == "rope_freqs.weight" and tensors[0].tensor_type.name == "F32"
+    factors = torch.from_numpy(tensors[0].data.copy())
+    trained = load(merged).model.rotary_emb.inv_freq  # the frequencies the model runs with
+    default = 1.0 / LLAMA3_ROPE["rope_theta"] ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    torch.testing.assert_close(default / factors, trained)
+    assert factors.min() >= 1 and factors[-1] == pytest.approx(LLAMA3_ROPE["factor"]) and (factors.diff() >= 0).all()
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_llama3_rope_scaling_as_transformers_does(llama3_rope_export):
+    """Past the original context (16) the scaled frequencies matter; llama.cpp's logits must be transformers'."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    merged, path = llama3_rope_export
+    ids = [1] + [(7 * i) % 300 + 3 for i in range(127)]
+    with torch.no_grad():
+        expected = load(merged)(torch.tensor([ids])).logits[0]
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False)
+    llm.eval(ids)
+    theirs = torch.from_numpy(np.asarray(llm.scores[:len(ids)]).copy())
+    # measured: 6.5e-4 of the largest logit (f16 weights); 6.9e-3 with the same file written without rope_freqs
+    assert biggest_gap(theirs, expected) < 2e-3 * expected.abs().max()
+    assert (theirs.argmax(-1) == expected.argmax(-1)).float().mean() > 0.99
+
+
 def test_mistral_is_written_as_llama(tmp_path):
     model, tokenizer = tiny("mistral")
     model.save_pretrained(tmp_path / "model")
@@ -243,9 +289,10 @@ def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(run, monkeyp
 
 @pytest.mark.parametrize("config, message", [
     (Phi3Config(), "GGUF export supports llama, mistral, qwen2 models; this one is 'phi3'"),
-    (LlamaConfig(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-     "GGUF export does not write 'llama3' rope scaling yet"),
+    (LlamaConfig(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0,
+                                  "original_max_position_embeddings": 8192}),
+     "GGUF export does not write 'yarn' rope scaling for llama yet"),
+    (Qwen2Config(rope_parameters=LLAMA3_ROPE), "GGUF export does not write 'llama3' rope scaling for qwen2 yet"),
 ])
 def test_an_architecture_gguf_export_does_not_write_is_refused_by_name(config, message):
     with pytest.raises(QSVDError, match=re.escape(message)):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
                           Qwen2Tokenizer)
@@ -21,7 +21,7 @@ import qsvd
 from qsvd.cli import cli
 from qsvd.errors import QSVDError
 from qsvd.export import checkpoint_names
-from qsvd.export_gguf import gguf_architecture, plan_tensors, read_vocabulary
+from qsvd.export_gguf import byte_level_pre_tokenizer, gguf_architecture, plan_tensors, read_vocabulary
 from qsvd.load import ModelFiles
 
 CORPUS = ["Ava has 3 apples. Bob gives her 12 more. How many apples does Ava have now? She has 15.",
@@ -340,3 +340,20 @@ def test_q8_0_keeps_rows_that_are_no_multiple_of_32_in_f16():
     types = {plan.gguf_name: plan.type.name for plan in plan_tensors(model, checkpoint_names(model), "llama", "q8_0")}
     assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 48, 128
     assert types["blk.0.attn_norm.weight"] == "F32" and types["output.weight"] == "F16"
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")  # as Meta-Llama-3's tokenizer.json has it
+
+
+@pytest.mark.parametrize("pre_tokenizer, name", [
+    (pre_tokenizers.ByteLevel(add_prefix_space=False), "gpt-2"),
+    (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                              pre_tokenizers.ByteLevel(add_prefix_space=False)]), "smollm"),
+    (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), "llama-bpe"),
+])
+def test_byte_level_pre_tokenizers_get_llama_cpps_names(pre_tokenizer, name):
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizer
+    assert byte_level_pre_tokenizer(json.loads(tokenizer.to_str()), Path("tokenizer.json")) == name

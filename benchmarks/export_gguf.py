@@ -108,8 +108,8 @@ def main() -> None:
         print(f"{gguf_type:<30}{f['size_mb']:>8.1f}{f['kl']:>11.2e}{100 * f['top1']:>7.1f}%{f['max_gap']:>15.4f}")
     if agreement is not None:
         print(f"llama.cpp on the f16 file: its greedy tokens are transformers' for the first "
-              f"{agreement['greedy_prefix']} of {agreement['greedy_tokens']}; fed transformers' sequence, the same next token at "
-              f"{100 * agreement['next_token_agreement']:.1f}% of positions")
+              f"{agreement['greedy_prefix']} of {agreement['greedy_tokens']}; fed transformers' sequence, "
+              f"the same next token at {100 * agreement['next_token_agreement']:.1f}% of positions")
     summary = {"peer_peak_mb": round(peer["peak_mb"]), "peer_s": round(peer["seconds"], 2),
                "merged_peak_mb": round(figures["1GB"]["peak_mb"])}
     for gguf_type in GGUF_TYPES:

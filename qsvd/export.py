@@ -28,8 +28,7 @@ from . import __version__, quantize
 from .config import parse_size
 from .console import console
 from .errors import QSVDError
-from .export_gguf import (ARCHITECTURES, GGUF_TYPES, Vocabulary, gguf_architecture, modelfile, read_vocabulary,
-                          write_gguf)
+from .export_gguf import ARCHITECTURES, GGUF_TYPES, gguf_architecture, modelfile, read_vocabulary, write_gguf
 from .load import ModelFiles, atomic_dir, atomic_file, empty_model, open_weights, read_config, read_tokenizer
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
@@ -254,18 +253,6 @@ def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, up
         f"| | |\n|---|---|\n{table}\n{note}\n## Load\n\n```python\n{load}\n```\n{local}")
 
 
-def write_gguf_export(output: Path, run: Run, files: ModelFiles, model: torch.nn.Module, architecture: str,
-                      vocabulary: Vocabulary | None, updates: dict[str, LoraUpdate], base: str, gguf_type: str) -> None:
-    """The merged model as one GGUF file, and an Ollama Modelfile beside it; each appears in one rename."""
-    tokenizer = read_tokenizer(files.config_dir, run.trust_remote_code)
-    read_merged = merged_reader(run, files, model, updates, base)
-    name = f"{run.spec.method} fine-tune of {run.model}"
-    atomic_file(output, lambda tmp: write_gguf(tmp, model, architecture, vocabulary, files,
-                                               checkpoint_names(model), read_merged, gguf_type, name))
-    text = modelfile(output, tokenizer.chat_template, tokenizer.eos_token)
-    atomic_file(output.with_suffix(".Modelfile"), lambda tmp: tmp.write_text(text))
-
-
 def check_gguf_output(output: Path, overwrite: bool) -> None:
     if output.suffix != ".gguf":
         raise QSVDError(f"--output {output}: a GGUF export is one file, named *.gguf")
@@ -304,7 +291,9 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
     files = run.model_files()
     model = empty_model(files, run.trust_remote_code)
     if format == "gguf":  # what GGUF cannot hold is refused before any tensor is read
-        architecture, vocabulary = gguf_architecture(model.config), read_vocabulary(files, model.config.vocab_size)
+        tokenizer = read_tokenizer(files.config_dir, run.trust_remote_code)
+        architecture = gguf_architecture(model.config)
+        vocabulary = read_vocabulary(files, tokenizer, model.config.vocab_size)
     updates = lora_updates(run, model)
 
     def write(tmp: Path) -> None:
@@ -314,8 +303,13 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
             write_merged(tmp, run, files, model, updates, base, DTYPES[dtype], shard_bytes)
         write_card(tmp, output, run, files, updates, format, base, dtype)
 
-    if format == "gguf":
-        write_gguf_export(output, run, files, model, architecture, vocabulary, updates, base, gguf_type)
+    if format == "gguf":  # the file, then an Ollama Modelfile beside it, each in one rename
+        read_merged = merged_reader(run, files, model, updates, base)
+        name = f"{run.spec.method} fine-tune of {run.model}"
+        atomic_file(output, lambda tmp: write_gguf(tmp, model, architecture, vocabulary, files, checkpoint_names(model),
+                                                   read_merged, gguf_type, name))
+        text = modelfile(output, tokenizer.chat_template, tokenizer.eos_token)
+        atomic_file(output.with_suffix(".Modelfile"), lambda tmp: tmp.write_text(text))
     else:
         atomic_dir(output, write)
     console.print(f"exported {run.path} ({run.spec.method}) as {format} to {output}")

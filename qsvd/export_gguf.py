@@ -20,12 +20,12 @@ import gguf
 import numpy as np
 import torch
 from rich.progress import track
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from .console import console
 from .errors import QSVDError, first_line
-from .load import ModelFiles, read_tokenizer
+from .load import ModelFiles
 
 GGUF_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
               "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -83,11 +83,12 @@ def gguf_architecture(config: PretrainedConfig) -> str:
     return architecture
 
 
-def read_vocabulary(files: ModelFiles, vocab_size: int) -> Vocabulary | None:
-    """The HF tokenizer's vocabulary as llama.cpp's converter writes it (None for a GGUF source,
-    whose tokenizer metadata is copied as it is). Byte-level BPE (GPT-2, Llama 3, Qwen2) becomes
-    "gpt2" with the pre-tokenizer's name; sentencepiece-style BPE with byte fallback (Llama 2,
-    Mistral) becomes "llama". Ids the tokenizer lacks up to the embedding's rows are [PADi], unused."""
+def read_vocabulary(files: ModelFiles, tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Vocabulary | None:
+    """The vocabulary of the HF tokenizer in `files` (loaded: `tokenizer`) as llama.cpp's converter writes
+    it (None for a GGUF source, whose tokenizer metadata is copied as it is). Byte-level BPE (GPT-2,
+    Llama 3, Qwen2) becomes "gpt2" with the pre-tokenizer's name; sentencepiece-style BPE with byte
+    fallback (Llama 2, Mistral) becomes "llama". Ids the tokenizer lacks up to the embedding's rows
+    are [PADi], unused."""
     if files.gguf:
         return None
     path = files.config_dir / "tokenizer.json"
@@ -106,7 +107,6 @@ def read_vocabulary(files: ModelFiles, vocab_size: int) -> Vocabulary | None:
         tokens, scores, types = zip(*((text.decode(), score, int(kind)) for text, score, kind in vocab.all_tokens()))
         return pad_vocabulary(Vocabulary("llama", None, list(tokens), list(scores), list(types)), vocab_size)
     if model.get("type") == "BPE" and (tokenizer_json.get("decoder") or {}).get("type") == "ByteLevel":
-        tokenizer = read_tokenizer(files.config_dir)
         added = {token.content: token for token in tokenizer.added_tokens_decoder.values()}
         tokens = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
         if [i for _, i in tokens] != list(range(len(tokens))):
@@ -208,12 +208,16 @@ class TensorPlan:
         return int(np.prod(self.shape[:-1], dtype=np.int64)) * self.shape[-1] // block * block_bytes
 
 
+def tensor_name_map(architecture: str, blocks: int) -> gguf.TensorNameMap:
+    """gguf's map from transformers' tensor names to llama.cpp's, for the architecture named so."""
+    return gguf.get_tensor_name_map(next(arch for arch, arch_name in gguf.MODEL_ARCH_NAMES.items()
+                                         if arch_name == architecture), blocks)
+
+
 def plan_tensors(model: PreTrainedModel, names: list[str], architecture: str, gguf_type: str) -> list[TensorPlan]:
     """Each checkpoint tensor's GGUF name and type: 1-D ones f32, others the chosen type, or f16
     where a q8_0 block would not fit a row."""
-    config = model.config
-    name_map = gguf.get_tensor_name_map(next(arch for arch, arch_name in gguf.MODEL_ARCH_NAMES.items()
-                                             if arch_name == architecture), config.num_hidden_layers)
+    name_map = tensor_name_map(architecture, model.config.num_hidden_layers)
     state = model.state_dict()
     plans = []
     for name in names:

@@ -101,14 +101,17 @@ def atomic_file(target: Path, write) -> Path:
 
 def temp_suffix() -> str:
     """A temporary name's end: the writer's host and pid, so that what a killed writer left is found."""
-    return f".{socket.gethostname().replace('.', '_')}-{os.getpid()}.tmp"
+    return f".{host_name()}-{os.getpid()}.tmp"
+
+
+def host_name() -> str:
+    return socket.gethostname().replace(".", "_")  # no dots: the pid follows the last one
 
 
 def remove_stale_temps(target: Path) -> None:
     """Make target's parent, and remove the temporary copies of `target` whose writer on this host is gone."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname().replace(".", "_")
-    for stale in target.parent.glob(f".{target.name}.*.{host}-*.tmp"):
+    for stale in target.parent.glob(f".{target.name}.*.{host_name()}-*.tmp"):
         if not pid_alive(int(stale.name.rsplit("-", 1)[-1].removesuffix(".tmp"))):
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 

@@ -8,7 +8,7 @@ import gguf
 from transformers import PreTrainedModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from qsvd.export_gguf import add_hyperparameters, rotary_order
+from qsvd.export_gguf import add_hyperparameters, rotary_order, tensor_name_map
 
 from conftest import SPECIALS, char_tokenizer
 
@@ -27,8 +27,7 @@ def write_gguf(model: PreTrainedModel, path: Path, architecture: str | None = No
     """`model` as a GGUF file of `architecture` (default: its model_type), in float32."""
     config = model.config
     architecture = architecture or config.model_type
-    arch = next(key for key, name in gguf.MODEL_ARCH_NAMES.items() if name == architecture)
-    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    names = tensor_name_map(architecture, config.num_hidden_layers)
     writer = gguf.GGUFWriter(path, architecture)
     add_hyperparameters(writer, config, f"tiny {architecture}")
     if architecture == "gemma2":

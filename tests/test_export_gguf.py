@@ -4,7 +4,6 @@ file back (`gguf_file=`), its tokenizer must give the run's token ids and its lo
 
 import json
 import re
-import socket
 from pathlib import Path
 
 import gguf
@@ -22,7 +21,7 @@ from qsvd.cli import cli
 from qsvd.errors import QSVDError
 from qsvd.export import checkpoint_names
 from qsvd.export_gguf import byte_level_pre_tokenizer, gguf_architecture, plan_tensors, read_vocabulary
-from qsvd.load import ModelFiles
+from qsvd.load import ModelFiles, host_name
 
 CORPUS = ["Ava has 3 apples. Bob gives her 12 more. How many apples does Ava have now? She has 15.",
           "The quick brown fox jumps over the lazy dog, and 2024 dogs watch it: 'I'll be back', they say."] * 8
@@ -269,7 +268,7 @@ def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(run, monkeyp
     _, root, _ = run
     path = qsvd.export(root / "run", root / "kept" / "tiny.gguf", format="gguf")
     before = path.read_bytes()
-    stale = path.with_name(f".tiny.gguf.file.{socket.gethostname().replace('.', '_')}-{2**22 + 1}.tmp")
+    stale = path.with_name(f".tiny.gguf.file.{host_name()}-{2**22 + 1}.tmp")
     stale.write_bytes(b"left by a killed export")
     written = []
 
@@ -324,13 +323,14 @@ def test_a_damaged_or_foreign_tokenizer_is_refused_by_name(damage, tmp_path):
     edit, message = DAMAGES[damage]
     (tmp_path / "tokenizer.json").write_text(edit((tmp_path / "tokenizer.json").read_text()))
     with pytest.raises(QSVDError, match=re.escape(message)):
-        read_vocabulary(ModelFiles(tmp_path, ()), model.config.vocab_size)
+        read_vocabulary(ModelFiles(tmp_path, ()), tokenizer, model.config.vocab_size)
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
-    qwen2_tokenizer().save_pretrained(tmp_path)
+    tokenizer = qwen2_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
     with pytest.raises(QSVDError, match="has 303 tokens but the model's embedding only 100 rows"):
-        read_vocabulary(ModelFiles(tmp_path, ()), 100)
+        read_vocabulary(ModelFiles(tmp_path, ()), tokenizer, 100)
 
 
 def test_q8_0_keeps_rows_that_are_no_multiple_of_32_in_f16():

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import tempfile
+from itertools import islice
 from pathlib import Path
 
 from export_fidelity import compare, distributions, prompt_batch
@@ -44,11 +45,7 @@ def llama_cpp_agreement(gguf: Path, transformers_model, prompt: list[int], token
         sequence = transformers_model.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False)
         expected = transformers_model(sequence).logits[0].argmax(-1).numpy()
     answer = sequence[0, len(prompt):].tolist()
-    generated = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-        generated.append(token)
-        if len(generated) == len(answer):
-            break
+    generated = list(islice(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), len(answer)))
     same = next((i for i, (a, b) in enumerate(zip(generated, answer)) if a != b), len(answer))
     llm.reset()
     llm.eval(sequence[0].tolist())

@@ -4,6 +4,7 @@ file back (`gguf_file=`), its tokenizer must give the run's token ids and its lo
 
 import json
 import re
+from itertools import islice
 from pathlib import Path
 
 import gguf
@@ -93,20 +94,25 @@ def tiny(kind: str):
     return model.eval(), tokenizer
 
 
+def save_and_train(root: Path, model, tokenizer, **options) -> Path:
+    """The tiny model and its tokenizer saved in root/model, and a run trained on it in root/run (its
+    prepared-model cache in root/cache: a module's fixture runs before the per-test cache is set)."""
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("QSVD_CACHE", str(root / "cache"))
+        qsvd.finetune(model=str(root / "model"), rank=4, seq_len=400, output=str(root / "run"), **options)
+    return root / "run"
+
+
 @pytest.fixture(scope="module")
 def run(request, tmp_path_factory):
     """One 4-bit edora run on a tiny model of the parametrized kind, and its merged exports."""
     kind = request.param
     root = tmp_path_factory.mktemp(f"gguf-{kind}")
-    model, tokenizer = tiny(kind)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    with pytest.MonkeyPatch.context() as monkeypatch:  # the function-scoped cache fixture is not set up yet
-        monkeypatch.setenv("QSVD_CACHE", str(root / "cache"))
-        qsvd.finetune(model=str(root / "model"), method="edora", bits=4, rank=4, max_steps=2, lr=5e-2, seq_len=400,
-                      batch_size=4, output=str(root / "run"))
-        merged = {dtype: qsvd.export(root / "run", root / f"merged-{dtype}", format="merged", dtype=dtype)
-                  for dtype in ("fp32", "fp16", "bf16")}
+    run_dir = save_and_train(root, *tiny(kind), method="edora", bits=4, max_steps=2, lr=5e-2, batch_size=4)
+    merged = {dtype: qsvd.export(run_dir, root / f"merged-{dtype}", format="merged", dtype=dtype)
+              for dtype in ("fp32", "fp16", "bf16")}
     return kind, root, merged
 
 
@@ -172,11 +178,7 @@ def test_llama_cpp_reads_the_tokenizer_and_generates_transformers_tokens(run):
         expected = load(path.parent, path.name).generate(torch.tensor([prompt]), max_new_tokens=12,
                                                          do_sample=False)[0, len(prompt):].tolist()
     assert expected  # at least one token before the end of text
-    generated = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-        generated.append(token)
-        if len(generated) == len(expected):
-            break
+    generated = list(islice(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), len(expected)))
     assert generated == expected
 
 
@@ -186,14 +188,9 @@ def llama3_rope_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama3-rope")
     model, tokenizer = tiny("llama")
     model = LlamaForCausalLM(LlamaConfig(**model.config.to_dict() | {"rope_parameters": LLAMA3_ROPE})).eval()
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("QSVD_CACHE", str(root / "cache"))
-        qsvd.finetune(model=str(root / "model"), method="lora", bits=16, rank=4, max_steps=1, lr=1e-2, seq_len=400,
-                      batch_size=2, output=str(root / "run"))
-        merged = qsvd.export(root / "run", root / "merged", format="merged", dtype="fp32")
-        return merged, qsvd.export(root / "run", root / "run.gguf", format="gguf")
+    run_dir = save_and_train(root, model, tokenizer, method="lora", bits=16, max_steps=1, lr=1e-2, batch_size=2)
+    return (qsvd.export(run_dir, root / "merged", format="merged", dtype="fp32"),
+            qsvd.export(run_dir, root / "run.gguf", format="gguf"))
 
 
 def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(llama3_rope_export):
@@ -224,11 +221,7 @@ def test_llama_cpp_runs_llama3_rope_scaling_as_transformers_does(llama3_rope_exp
 
 
 def test_mistral_is_written_as_llama(tmp_path):
-    model, tokenizer = tiny("mistral")
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    qsvd.finetune(model=str(tmp_path / "model"), method="lora", bits=16, rank=4, max_steps=1, seq_len=400,
-                  batch_size=2, output=str(tmp_path / "run"))
+    save_and_train(tmp_path, *tiny("mistral"), method="lora", bits=16, max_steps=1, batch_size=2)
     path = qsvd.export(tmp_path / "run", tmp_path / "out" / "mistral.gguf", format="gguf")
     assert gguf.GGUFReader(path).fields["general.architecture"].contents() == "llama"
     merged = qsvd.export(tmp_path / "run", tmp_path / "merged", format="merged", dtype="fp32")

@@ -2,6 +2,7 @@
 its exports, the streaming reader against transformers' own GGUF loader, and LoRA-SB's init step."""
 
 import json
+from itertools import islice
 from pathlib import Path
 
 import pytest
@@ -159,9 +160,5 @@ def test_gguf_export_of_a_smollm2_run(smollm2_run, model_cache, tmp_path, monkey
                                            add_generation_prompt=True, tokenize=False))["input_ids"]
     with torch.no_grad():
         expected = exported.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):]
-    generated = []
-    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-        generated.append(token)
-        if len(generated) == len(expected):
-            break
+    generated = list(islice(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), len(expected)))
     assert generated == expected.tolist()

@@ -130,7 +130,7 @@ def read_shards(path: Path) -> Iterator[dict[str, torch.Tensor]]:
             raise CorruptPrepared(f"corrupt ({shard} does not match its checksum)")
         return data
 
-    return (load(data) for _, data in read_ahead(sorted(digests), read))
+    return (load(data) for _, data in read_ahead(digests, read))
 
 
 def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: AdapterSpec, targets: list[str],

@@ -148,16 +148,16 @@ def test_resume_checks_what_it_continues(tiny_model_dir, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "--resume: there is no interrupted run for --output" in result.output
 
     from qsvd import train
+    real_loss = train.supervised_loss  # put back by name: undoing the monkeypatch would also unset QSVD_CACHE
     monkeypatch.setattr(train, "supervised_loss", lambda *args, **kwargs: torch.tensor(float("inf"), requires_grad=True))
     assert "the loss became inf at step 1" in error_line(
         finetune(*tiny_run_args(tiny_model_dir, tmp_path / "run", "--max-steps", 3, "--save-steps", 1)))
     partial = tmp_path / ".run.partial"
     assert not partial.exists()  # diverged before any checkpoint: nothing to resume, nothing kept
-    monkeypatch.undo()
+    monkeypatch.setattr(train, "supervised_loss", real_loss)
 
     args = tiny_run_args(tiny_model_dir, tmp_path / "run")
     calls = {"n": 0}
-    real_loss = train.supervised_loss
 
     def diverging_loss(*args, **kwargs):
         calls["n"] += 1
@@ -165,7 +165,7 @@ def test_resume_checks_what_it_continues(tiny_model_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "supervised_loss", diverging_loss)
     assert "step 7" in error_line(finetune(*args))
-    monkeypatch.undo()
+    monkeypatch.setattr(train, "supervised_loss", real_loss)
     changed = finetune(*tiny_run_args(tiny_model_dir, tmp_path / "run", "--rank", 8), "--resume")
     assert changed.exit_code == 2
     assert "the interrupted run used other options: rank 4 (now 8)" in changed.output

@@ -13,6 +13,10 @@ BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
 KERNELS_HUB_LOGGER = "kernels._internals.hf_hub"
 logging.getLogger(BNB_CPU_LOGGER).setLevel(logging.ERROR)
 logging.getLogger(KERNELS_HUB_LOGGER).setLevel(logging.ERROR)
+# On a GPU at 8 bits, LLM.int8 multiplies in fp16 by design and bitsandbytes says so on every forward
+# whose input is bf16 or fp32 ("MatMul8bitLt: inputs will be cast from … to float16").
+BNB_MATMUL_LOGGER = "bitsandbytes.autograd._functions"
+logging.getLogger(BNB_MATMUL_LOGGER).addFilter(lambda record: "inputs will be cast" not in record.getMessage())
 warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
 
 from .config import FinetuneConfig  # noqa: E402

@@ -174,6 +174,8 @@ def export(ctx: click.Context, run_dir, format_, **options) -> None:
 @click.option("--gpu", type=click.Choice(list(GPUS_MIB)), help="Plan for this GPU (default: this machine's CPU and RAM).")
 @click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default="auto", show_default=True,
               help="Compute dtype, as finetune's --dtype.")
+@click.option("--num-processes", "processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel processes, as finetune's --num-processes.")
 @click.pass_context
 def plan(ctx: click.Context, targets, **options) -> None:
     """Will a run fit? Its memory, part by part, from the model's config alone."""

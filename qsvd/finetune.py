@@ -22,7 +22,7 @@ from .methods import METHODS
 from .methods.lorasb import init_from_gradients
 from .prepared import build_to_disk, lookup, obtain
 from .run import LOGS, publish, write_run
-from .split import adapter_layers, default_device, find_targets
+from .split import adapter_layers, compute_dtype, default_device, find_targets
 from .train import CHECKPOINTING, NonFiniteLoss, first_step_lr, train
 
 
@@ -156,6 +156,7 @@ class Inputs(NamedTuple):
 def check_inputs(config: FinetuneConfig) -> Inputs:
     """What a run checks before any heavy work, cheapest first: --output against --resume and
     --overwrite, the data, the eval files, then the model's files (fetched or converted once)."""
+    compute_dtype(default_device(), config.spec())  # refuses a dtype this GPU lacks
     resume_from = resume_point(config, config.output_dir)
     training = training_rows(config.data, config.seed, config=config.data_config, split=config.data_split,
                              prompt_field=config.prompt_field, response_field=config.response_field,

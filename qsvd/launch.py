@@ -10,6 +10,7 @@ alone writes checkpoints, evaluates and publishes the run.
 import os
 import subprocess
 import sys
+from datetime import timedelta
 
 import datasets
 import torch
@@ -18,6 +19,12 @@ from accelerate.utils import parse_flag_from_env
 
 from .console import console
 from .errors import QSVDError
+
+# How long a process waits at a barrier, or on any collective, before the group aborts. NCCL's
+# default is 10 minutes, but the waiting ranks sit at a barrier while the main process alone
+# fetches or converts the model, splits it (an exact split of a 7B model takes longer than that)
+# and later scores --eval-data; Trainer's `ddp_timeout` never applies, as the group exists first.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=6)
 
 
 def processes() -> PartialState:
@@ -30,7 +37,7 @@ def processes() -> PartialState:
         raise QSVDError("FSDP is not supported yet: qsvd's NF4 layers keep their packed weights as uint8 and "
                         "the adapters in fp32, which FSDP cannot flatten together; use data parallel "
                         "(--num-processes N, or an accelerate config with distributed_type: MULTI_GPU)")
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=PROCESS_GROUP_TIMEOUT)
     if not state.is_main_process:
         console.quiet = True
         datasets.disable_progress_bars()

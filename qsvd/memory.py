@@ -6,6 +6,7 @@ import os
 import resource
 import sys
 
+import bitsandbytes.functional as bnbF
 import torch
 
 
@@ -25,6 +26,8 @@ def return_freed_memory(collect: bool = False) -> None:
     `collect` first frees unreachable reference cycles (a full gc pass: not for every layer)."""
     if collect:
         gc.collect()
+        if torch.cuda.is_initialized():  # the split's freed blocks, from torch's cache to the driver
+            torch.cuda.empty_cache()
     if LIBC is not None:
         LIBC.malloc_trim(0)
 
@@ -35,14 +38,22 @@ def status_mb(field: str, path: str = "/proc/self/status") -> float:
         return next(int(line.split()[1]) for line in status if line.startswith(field + ":")) / 1024
 
 
+def paged_bytes() -> int:
+    """bitsandbytes' paged optimizer state: CUDA managed memory, which torch's allocator never sees
+    (bitsandbytes wraps it with `torch.frombuffer`)."""
+    return sum(t.numel() * t.element_size() for t in bnbF.GlobalPageManager.get_instance().paged_tensors)
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory on CUDA; the process's peak RSS on CPU.
+    """On CUDA, the most GPU memory torch's allocator has held (allocated tensors, cuBLAS's
+    workspaces, which it allocates too, and the blocks it keeps cached or split) plus the paged
+    optimizer state; the process's peak RSS on CPU.
 
     On Linux the peak RSS is VmHWM: getrusage's ru_maxrss survives fork + exec, so a child of
     a big process would report its parent's peak.
     """
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+        return (torch.cuda.max_memory_reserved(device) + paged_bytes()) / 2**20
     try:
         return status_mb("VmHWM")
     except OSError:

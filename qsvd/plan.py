@@ -22,7 +22,12 @@ target layers' shapes are exact for any architecture. The parts, in bytes:
   what the C allocator (glibc) keeps of the freed buffers: measured on SmolLM2-135M, about
   `CPU_ALLOCATOR_CACHE` times a step's activation and logit buffers (or the split's fp32 copies,
   when a layer is under glibc's largest mmap threshold: larger buffers are unmapped when freed),
-  plus `CPU_SETUP_RESIDUE_MIB` left from loading and splitting; on a GPU, its CUDA context.
+  plus `CPU_SETUP_RESIDUE_MIB` left from loading and splitting; on a GPU, its CUDA context and
+  what torch's caching allocator holds beyond the live tensors (`GPU_ALLOCATOR_SLACK` of a step's
+  activation and logit buffers), and with several processes NCCL's own buffers (DDP's gradient
+  buckets are the gradients themselves: `gradient_as_bucket_view`);
+- with several processes, each holds all of this: one GPU each, or on a CPU the same RAM, so a
+  CPU plan's totals are for all of them together.
 Rows are planned at --seq-len tokens, every one supervised: shorter rows need less.
 """
 
@@ -45,6 +50,8 @@ from .split import find_targets, make_spec
 GPUS_MIB = {"t4": 15_360, "a10": 23_028, "4090": 24_564, "a100-40": 40_960, "h100": 81_559}  # nvidia-smi totals
 BF16_GPUS = {"a10", "4090", "a100-40", "h100"}  # compute capability ≥ 8.0; a T4 (7.5) trains in fp16
 CUDA_CONTEXT_MIB = 500
+GPU_ALLOCATOR_SLACK = 0.15  # torch's cached and split blocks ÷ a step's transient buffers: an estimate, until gpu_check measures one
+NCCL_MIB = 300  # NCCL's buffers and its own CUDA context share, a process: an estimate
 CPU_ALLOCATOR_CACHE = 2.1  # glibc's kept freed buffers ÷ the live ones, measured (README: Will it fit?)
 CPU_SETUP_RESIDUE_MIB = 64  # heap left after loading and splitting, measured
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc maps larger buffers and unmaps them when freed: none kept
@@ -80,6 +87,7 @@ class Setup:
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_8bit"
     dtype: str = "auto"
+    processes: int = 1  # data-parallel processes: one per GPU, or all on this CPU
 
     @property
     def compute_dtype(self) -> str:
@@ -172,7 +180,8 @@ def budget(setup: Setup) -> dict[str, float]:
     split_copies = SPLIT_COPIES * 4 * largest
     parts["split workspace"] = split_copies + min(parts["frozen targets"] + parts["adapter"], SHARD_BYTES)
     if on_gpu:
-        parts["runtime"] = CUDA_CONTEXT_MIB * 2**20
+        parts["runtime"] = (CUDA_CONTEXT_MIB + (NCCL_MIB if setup.processes > 1 else 0)) * 2**20
+        parts["allocator cache, training"] = GPU_ALLOCATOR_SLACK * (parts["activations"] + parts["logits"])
     else:
         parts["runtime"] = (status_mb("VmRSS") + CPU_SETUP_RESIDUE_MIB) * 2**20
         parts["allocator cache, training"] = CPU_ALLOCATOR_CACHE * (parts["activations"] + parts["logits"])
@@ -188,6 +197,8 @@ def budget(setup: Setup) -> dict[str, float]:
         merge_copies = MERGE_COPIES * 4 * largest
         parts["export total"] = parts["adapter"] + merge_copies + kept_by_allocator(4 * largest, merge_copies) + \
             parts["runtime"] + min(2 * sum(p.numel() for p in model.parameters()), EXPORT_SHARD_BYTES)
+    if not on_gpu and setup.processes > 1:  # every process holds a whole model in the same RAM
+        parts["training total"] *= setup.processes
     parts["peak"] = max(parts["training total"], parts["preparation total"], parts.get("export total", 0))
     return parts
 
@@ -229,10 +240,15 @@ def plan(model: str = EMBEDDED_ALIAS, gpu: str | None = None, **options) -> dict
     if gpu is not None and gpu not in GPUS_MIB:
         raise QSVDError(f"--gpu {gpu!r} is not one of: {', '.join(GPUS_MIB)}")
     setup = Setup(model=model, gpu=gpu, **{k: v for k, v in options.items() if v is not None})
-    check_positive({"rank": setup.rank, "seq-len": setup.seq_len, "batch-size": setup.batch_size})
+    check_positive({"rank": setup.rank, "seq-len": setup.seq_len, "batch-size": setup.batch_size,
+                    "num-processes": setup.processes})
+    if setup.compute_dtype == "bf16" and setup.gpu is not None and setup.gpu not in BF16_GPUS:
+        raise QSVDError(f"--dtype bf16: a {setup.gpu} has no bf16; use --dtype fp16 (auto's choice there) or fp32")
     parts = budget(setup)  # its make_spec checks the method and bits
     capacity = capacity_mib(setup)
     where = f"{setup.gpu} ({capacity:,.0f} MiB)" if setup.gpu else f"this machine's RAM ({capacity:,.0f} MiB)"
+    if setup.processes > 1:
+        where += f", {setup.processes} processes" + (" (each on its own GPU)" if setup.gpu else "")
     console.print(f"{setup.model}: {setup.method}, {setup.bits}-bit, rank {setup.rank}, batch {setup.batch_size} × "
                   f"seq {setup.seq_len}, compute {setup.compute_dtype}, gradient checkpointing "
                   f"{'on' if setup.gradient_checkpointing else 'off'}, on {where}")
@@ -249,5 +265,6 @@ def plan(model: str = EMBEDDED_ALIAS, gpu: str | None = None, **options) -> dict
             if peak <= capacity:
                 break
         else:
-            console.print("  no single-GPU setup here fits: use a larger GPU, or several with FSDP")
+            console.print("  no setup here fits: use a larger GPU (data parallel keeps a whole model on each GPU; "
+                          "FSDP, which would shard it, is not supported with a 4-bit base)")
     return parts

@@ -1,8 +1,9 @@
 """Stage 3: frozen storage Q(·) of a layer's base weight.
 
 - bits 4: bitsandbytes NF4 with double quantization (`Linear4bit`);
-- bits 8: bitsandbytes int8 (`Linear8bitLt`, no fp16 outlier columns, so deq(Q(W)) is
-  exactly what the forward pass multiplies by);
+- bits 8: bitsandbytes int8 (`Linear8bitLt`) with LLM.int8's outlier threshold, transformers'
+  default: on a GPU, input columns with a value above it multiply deq(Q(W)) in fp16 instead of
+  being rounded to int8 with the rest (training on a CPU multiplies deq(Q(W)) in the compute dtype);
 - bits 16: a plain frozen `nn.Linear` in the compute dtype.
 
 On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place on its first forward pass
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 SUPPORTED_BITS = (4, 8, 16)
+INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold, as transformers' BitsAndBytesConfig sets it
 
 
 def freeze(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, dtype: torch.dtype,
@@ -31,7 +33,7 @@ def freeze(weight: torch.Tensor, bias: torch.Tensor | None, bits: int, dtype: to
                                          quant_type="nf4", compress_statistics=True)
     elif bits == 8:
         layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias,
-                                    has_fp16_weights=False, threshold=0.0, device="meta")
+                                    has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
         # Int8Params quantizes only on a move from the CPU.
         layer.weight = bnb.nn.Int8Params(weight.to(dtype).cpu(), requires_grad=False,
                                          has_fp16_weights=False)
@@ -66,7 +68,7 @@ def load_frozen(state: dict[str, torch.Tensor], bits: int, dtype: torch.dtype,
         weight = bnb.nn.Int8Params(state["weight"], requires_grad=False, has_fp16_weights=False,
                                    SCB=state["SCB"]).to(device)
         layer = bnb.nn.Linear8bitLt(weight.shape[1], weight.shape[0], bias=bias is not None,
-                                    has_fp16_weights=False, threshold=0.0, device="meta")
+                                    has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta")
     elif bits == 16:
         weight = nn.Parameter(state["weight"].to(device, dtype), requires_grad=False)
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")

@@ -32,11 +32,16 @@ COMPUTE_DTYPES = ("auto", *DTYPES)  # --dtype's choices
 def compute_dtype(device: torch.device, spec: AdapterSpec | None = None) -> torch.dtype:
     """The spec's --dtype, or for auto: float32 on CPU; bf16 on GPUs with native bf16 (compute
     capability ≥ 8.0), else fp16 (which Trainer trains with a loss scaler)."""
+    native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
     if spec is not None and spec.dtype != "auto":
+        if spec.dtype == "bf16" and not native_bf16:
+            raise QSVDError(f"--dtype bf16: {torch.cuda.get_device_name(device)} (compute capability "
+                            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no bf16 "
+                            "and would emulate it slowly; use --dtype fp16 (auto's choice here) or fp32")
         return DTYPES[spec.dtype]
     if device.type != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return torch.bfloat16 if native_bf16 else torch.float16
 
 
 def default_device() -> torch.device:

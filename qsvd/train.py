@@ -7,7 +7,7 @@ scheduler, RNG and trainer state), which `checkpoints.SealCheckpoints` seals and
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +15,7 @@ from pathlib import Path
 import datasets
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import (PreTrainedModel, PreTrainedTokenizerBase, ProgressCallback, Trainer, TrainerCallback,
                           TrainingArguments)
 from transformers.integrations import TensorBoardCallback
@@ -50,7 +51,17 @@ TRIMMED_BLOCK_WEIGHTS = 20_000_000  # stored elements (4-bit: two weights each):
 
 
 def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtype) -> TrainingArguments:
-    return TrainingArguments(
+    """Trainer's arguments for one process; under `accelerate launch`, for each of them.
+
+    One process drives one device: on a host with several GPUs, Trainer would otherwise count them
+    all and wrap the model in `nn.DataParallel` (it spares only models that call themselves 4- or
+    8-bit), whose replicas lose bitsandbytes' quantization state. Trainer forces the same for
+    model-parallel models (`self.args._n_gpu = 1`). DDP broadcasts no buffers: every process holds
+    the same frozen factors and statistics, built or loaded from one prepared model, and they never
+    change, so re-sending them each forward (160 MB a micro-batch at 7B) would only cost time; and
+    it looks for no unused parameters, which would cost a walk of the graph every step.
+    """
+    args = TrainingArguments(
         output_dir=str(work_dir),
         use_cpu=not torch.cuda.is_available(),  # and so gloo between processes that `accelerate launch` started
         per_device_train_batch_size=config.batch_size,
@@ -74,7 +85,11 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_broadcast_buffers=False,
+        ddp_find_unused_parameters=False,  # every adapter takes part in every forward
     )
+    args._n_gpu = min(args.n_gpu, 1)
+    return args
 
 
 def first_step_lr(config: FinetuneConfig, rows: int) -> float:
@@ -126,9 +141,11 @@ class SupervisedTokensTrainer(Trainer):
     """
 
     def create_accelerator_and_postprocess(self):
-        """As Trainer's; and fp16 on a CPU gets a GPU's fp16 path, autocast and loss scaling, which
+        """As Trainer's, with DDP's gradient buckets as the gradients' own storage instead of a copy
+        of them; and fp16 on a CPU gets a GPU's fp16 path, autocast and loss scaling, which
         accelerate reserves for accelerators (so that the path every T4 takes runs in tests)."""
         super().create_accelerator_and_postprocess()
+        self.accelerator.ddp_handler.gradient_as_bucket_view = True
         if self.args.fp16 and self.accelerator.scaler is None:
             self.accelerator.scaler = torch.amp.GradScaler(self.accelerator.device.type)
             self.accelerator.native_amp = True
@@ -153,14 +170,54 @@ class SupervisedTokensTrainer(Trainer):
         self.model.load_state_dict(tensors, strict=False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or self.accelerator.unwrap_model(model) is not model:
+        """`supervised_loss`, called as the model's forward: through DDP's forward when DDP wraps the
+        model (its gradient hooks need it), and under the accelerator's autocast in one process as in
+        many (accelerate puts autocast around the model's own forward, which this replaces)."""
+        if return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # normalised by the accumulated batch's token count exactly when Trainer's default would be
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-        loss = supervised_loss(model, inputs, num_items_in_batch if scaled else None)
+        inner = self.accelerator.unwrap_model(model)
+
+        def loss_forward(**batch):
+            return supervised_loss(inner, batch, num_items_in_batch if scaled else None)
+
+        with forward_replaced(inner, loss_forward), self.accelerator.autocast():
+            loss = model(**inputs)
         if self.args.average_tokens_across_devices and scaled:
             loss = loss * self.accelerator.num_processes
         return loss
+
+
+@contextmanager
+def forward_replaced(model: nn.Module, forward) -> Iterator[None]:
+    """`model(**batch)` calls `forward(**batch)` instead of the model's forward (or of accelerate's
+    autocast wrapper around it, which is put back after)."""
+    previous = vars(model).get("forward")
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del model.forward
+        else:
+            model.forward = previous
+
+
+@contextmanager
+def tf32_matmuls(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """fp32 training on a GPU multiplies in TF32 (Ampere and newer; older GPUs ignore the flag), as
+    Trainer's `tf32` would, which refuses to run on those; only while training, so that a split
+    or an evaluation in the same process keeps full fp32."""
+    if device.type != "cuda" or dtype != torch.float32:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 @contextmanager
@@ -192,7 +249,8 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     Checkpoints are staged in `work_dir` and published, sealed, in `checkpoints`.
     """
     spec = getattr(model, "qsvd_spec", None)  # None for a model built elsewhere (PEFT's, in the benchmarks): auto
-    args = training_arguments(config, work_dir, compute_dtype(model.device, spec))
+    dtype = compute_dtype(model.device, spec)
+    args = training_arguments(config, work_dir, dtype)
     clock = StepClock()
     callbacks = [clock, *callbacks] + ([SealCheckpoints(checkpoints)] if checkpoints is not None else [])
     if "tensorboard" in config.loggers:  # Trainer's own callback, writing where the run keeps its logs
@@ -206,7 +264,7 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     reset_peak_memory(model.device)
     start = time.perf_counter()
     try:
-        with freed_after_each_block(model):
+        with freed_after_each_block(model), tf32_matmuls(model.device, dtype):
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except BaseException:
         for callback in trainer.callback_handler.callbacks:

@@ -78,3 +78,11 @@ def model_cache(tmp_path_factory):
     except Exception as error:  # the README's set-up installs it; say so plainly if it is missing
         pytest.fail(f"the embedded model is not installed: {error}")
     return tmp_path_factory.mktemp("qsvd-cache")
+
+
+def fake_gpus(monkeypatch, count: int = 1, capability: tuple[int, int] = (8, 0), name: str = "NVIDIA A100"):
+    """Make torch report `count` CUDA GPUs of this compute capability on this CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)

@@ -106,8 +106,9 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def _low_rank(self, x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
-        """s · F_1 ⋯ F_k x, applied right to left, in the adapter's float32."""
-        h = self.dropout(x.to(factors[-1].dtype))
+        """s · F_1 ⋯ F_k x, applied right to left: in the adapter's float32, or under autocast
+        (training in bf16 or fp16) in autocast's dtype, with no float32 copy of x to keep."""
+        h = self.dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(factors[-1].dtype))
         for factor in reversed(factors):
             h = h @ factor.T
         return self.scale * h

@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import svd
 from ..console import console
+from ..errors import QSVDError
 from ..loss import supervised_loss
 from ..memory import free_memory_bytes, group_by_size, return_freed_memory
 from .loraxs import LoRAXSLayer
@@ -47,6 +48,7 @@ class LoRASBLayer(LoRAXSLayer):
 
 GRAD_SAMPLES = {"math": 50, "commonsense": 170}  # rows for the estimate, as in the official code
 SKETCH_SEED = 0
+INIT_LOSS_SCALE = 2.0**16  # the estimate's first loss scale, GradScaler's
 
 
 class DenseGradient:
@@ -92,18 +94,35 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
                        batches: Sequence[dict[str, torch.Tensor]], sketch: bool = False,
                        description: str = "lorasb gradient estimate") -> dict[str, torch.Tensor]:
     """G = Σ_batches ∂L/∂W for each of `layers`, as Σ_tokens g xᵀ from forward and tensor hooks
-    (so the base may stay 4-bit); with `sketch`, each layer's single-pass rank-k sketch Ĝ."""
+    (so the base may stay 4-bit); with `sketch`, each layer's single-pass rank-k sketch Ĝ.
+
+    The backward pass runs on S·L and each g is divided by S again in fp32, as a GradScaler does:
+    in fp16 the per-token g of 1e-6 to 1e-8 would otherwise underflow. S starts at 2¹⁶ (exact for
+    every dtype); where a g overflows, S halves and the batch runs again for the layers whose g
+    was not yet taken (backward reaches the overflow before any layer that depends on it).
+    """
     if sketch:
         generator = torch.Generator().manual_seed(SKETCH_SEED)
         accumulators = {name: SketchedGradient(layer, generator) for name, layer in layers.items()}
     else:
         accumulators = {name: DenseGradient(layer) for name, layer in layers.items()}
+    scale, taken, overflow = INIT_LOSS_SCALE, set(), []  # taken: the layers this batch has added
 
     def capture(name):
         def hook(module, inputs, output):
             x = inputs[0].detach()  # kept until the backward pass, in the compute dtype
-            output.register_hook(lambda g: accumulators[name].add(g.reshape(-1, module.out_features).float(),
-                                                                  x.reshape(-1, module.in_features).float()))
+
+            def add(g):
+                if name in taken or overflow:
+                    return
+                g = g.reshape(-1, module.out_features).float()
+                if not torch.isfinite(g).all():
+                    overflow.append(name)
+                    return
+                accumulators[name].add(g / scale, x.reshape(-1, module.in_features).float())
+                taken.add(name)
+
+            output.register_hook(add)
         return hook
 
     handles = [layer.register_forward_hook(capture(name)) for name, layer in layers.items()]
@@ -117,7 +136,17 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
     device = next(iter(layers.values())).core.device
     try:
         for batch in track(batches, description=description, total=len(batches), console=console):
-            supervised_loss(model, {key: value.to(device) for key, value in batch.items()}).backward()
+            batch = {key: value.to(device) for key, value in batch.items()}
+            taken.clear()
+            while True:
+                overflow.clear()
+                (scale * supervised_loss(model, batch)).backward()
+                if not overflow:
+                    break
+                if scale <= 1:
+                    raise QSVDError(f"lorasb's gradient estimate is not finite at layer {overflow[0]}; "
+                                    "check the data, or use --dtype bf16 or fp32")
+                scale /= 2
     finally:
         for handle in handles + [embedding_hook]:
             handle.remove()

@@ -10,6 +10,7 @@ import textwrap
 from itertools import chain
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -101,8 +102,13 @@ def test_two_processes_train_what_one_process_trains_on_the_same_global_batch(me
         assert max(int(words[2]) for words in heads) == CHUNK_TOKENS
 
     monkeypatch.setattr(loss, "LOGIT_CHUNK_BYTES", CHUNK_TOKENS * 4 * 128)
+    heads = []
+    head_cross_entropy = loss.head_cross_entropy
+    monkeypatch.setattr(loss, "head_cross_entropy", lambda head, hidden, *args: heads.append(
+        (len(hidden), torch.is_autocast_enabled("cpu"))) or head_cross_entropy(head, hidden, *args))
     one = CliRunner().invoke(cli, args[4])
     assert one.exit_code == 0, one.output
+    assert max(rows for rows, _ in heads) == CHUNK_TOKENS and {autocast for _, autocast in heads} == {dtype == "bf16"}
 
     record = json.loads((tmp_path / "two" / "qsvd_config.json").read_text())
     assert record["processes"] == 2 and record["config"]["batch_size"] == 2

@@ -95,12 +95,12 @@ def test_supervised_tokens_trainer_trains_as_trainer_does(grad_accum, tmp_path, 
 
 @pytest.mark.parametrize("capability, requested, dtype", [
     ((7, 5), "auto", torch.float16), ((8, 0), "auto", torch.bfloat16), ((9, 0), "auto", torch.bfloat16),
-    ((9, 0), "fp16", torch.float16), ((7, 5), "fp32", torch.float32), ((7, 5), "bf16", torch.bfloat16)])
+    ((9, 0), "fp16", torch.float16), ((7, 5), "fp32", torch.float32), ((8, 6), "bf16", torch.bfloat16)])
 def test_the_compute_dtype_and_loss_scaling_follow_the_gpu_unless_asked(capability, requested, dtype, monkeypatch,
                                                                          tmp_path):
     """--dtype auto: a T4 (compute capability 7.5) reports bf16 as supported through emulation, so
     qsvd takes fp16 there, which Trainer trains with its loss scaler, and bf16 from capability 8.0
-    on; any other --dtype is taken as asked."""
+    on; any other --dtype is taken as asked (bf16 where the GPU has it: tests/test_gpu_paths.py)."""
     from qsvd.split import compute_dtype, make_spec
     from qsvd.train import training_arguments
 

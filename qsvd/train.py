@@ -191,17 +191,26 @@ class SupervisedTokensTrainer(Trainer):
 
 @contextmanager
 def forward_replaced(model: nn.Module, forward) -> Iterator[None]:
-    """`model(**batch)` calls `forward(**batch)` instead of the model's forward (or of accelerate's
-    autocast wrapper around it, which is put back after)."""
+    """The next `model(**batch)` calls `forward(**batch)` instead of the model's forward, which is
+    back in place (with accelerate's autocast wrapper, if any) as soon as that call starts, so
+    that `forward` may call the model itself (a model whose logits need its whole forward)."""
     previous = vars(model).get("forward")
-    model.forward = forward
+
+    def restore():
+        if previous is None:
+            vars(model).pop("forward", None)
+        else:
+            model.forward = previous
+
+    def once(*args, **kwargs):
+        restore()
+        return forward(*args, **kwargs)
+
+    model.forward = once
     try:
         yield
     finally:
-        if previous is None:
-            del model.forward
-        else:
-            model.forward = previous
+        restore()
 
 
 @contextmanager

@@ -31,12 +31,15 @@ def processes() -> PartialState:
     """This process's place among the launched ones (a single process when none were launched).
 
     Without a GPU the processes run on CPU and talk over gloo. Non-main processes print nothing.
-    FSDP is refused: see the README.
+    FSDP is refused: torch's FSDP2 shards each weight as a DTensor, which drops bitsandbytes'
+    quantization state even with a float `quant_storage` (the 4-bit forward then fails with
+    "quant_state is required"; tests/test_multiprocess.py tries it), and FSDP1 flattens only
+    tensors of one dtype, where qsvd's adapters are fp32 beside a bf16/fp16 base.
     """
     if parse_flag_from_env("ACCELERATE_USE_FSDP"):  # read as accelerate itself reads it
-        raise QSVDError("FSDP is not supported yet: qsvd's NF4 layers keep their packed weights as uint8 and "
-                        "the adapters in fp32, which FSDP cannot flatten together; use data parallel "
-                        "(--num-processes N, or an accelerate config with distributed_type: MULTI_GPU)")
+        raise QSVDError("FSDP is not supported with a 4-bit base: torch's FSDP2 drops bitsandbytes' quantization "
+                        "state when it shards a 4-bit weight; use data parallel (--num-processes N, or an "
+                        "accelerate config with distributed_type: MULTI_GPU), which keeps a whole model on each GPU")
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=PROCESS_GROUP_TIMEOUT)
     if not state.is_main_process:
         console.quiet = True

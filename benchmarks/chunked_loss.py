@@ -8,8 +8,8 @@ plain text that fill `--seq-len 2048`, every token supervised), each way in a fr
   at once, as before chunking (and as the model's own loss, which holds every position's);
 - floor: the loss replaced by one on the decoder's hidden states, no head at all: the step's
   peak without any logits.
-The peak is the training phase's peak RSS (CPU) or `torch.cuda.max_memory_allocated` (GPU), from
-the run record. The logits' share of a peak is that peak above the floor. Target: the whole share
+The peak is the training phase's peak RSS (CPU) or what torch's allocator held plus the paged
+optimizer state (GPU), from the run record. The logits' share of a peak is that peak above the floor. Target: the whole share
 ÷ the chunked share ≥ 4. The last line printed is one JSON object.
 
     python benchmarks/chunked_loss.py [--seq-len 2048] [--workdir DIR]

@@ -47,7 +47,8 @@ TOKENIZER_VOCAB = 4096  # byte-level BPE on the built-in rows: random weights ne
 
 def write_random_llama(path: Path, shape: dict, shard_bytes: int = SHARD_BYTES) -> None:
     """A random-weight (std 0.02) untied Llama as bf16 shards, one tensor in memory at a time, with a
-    tokenizer; config.json is written last, so a directory that has it is complete."""
+    tokenizer; config.json is written last, so a directory that has it is complete. The weights are
+    drawn on the GPU where there is one (a 7B model's in seconds rather than minutes)."""
     if (path / "config.json").is_file():
         return
     import torch
@@ -59,7 +60,8 @@ def write_random_llama(path: Path, shape: dict, shard_bytes: int = SHARD_BYTES) 
     with init_empty_weights():
         shapes = {name: tuple(p.shape) for name, p in LlamaForCausalLM(config).state_dict().items()}
     path.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device).manual_seed(0)
     weight_map, shard, pending_bytes = {}, {}, 0
 
     def flush():
@@ -70,7 +72,7 @@ def write_random_llama(path: Path, shape: dict, shard_bytes: int = SHARD_BYTES) 
 
     for number, (name, size) in enumerate(shapes.items(), 1):
         shard[name] = (torch.ones(size) if name.endswith("norm.weight")
-                       else torch.randn(size, generator=generator) * 0.02).to(torch.bfloat16)
+                       else torch.randn(size, generator=generator, device=device) * 0.02).to(torch.bfloat16).cpu()
         pending_bytes += shard[name].numel() * 2
         if pending_bytes >= shard_bytes:
             print(f"  wrote {number} of {len(shapes)} tensors", file=sys.stderr, flush=True)
@@ -100,15 +102,15 @@ def train_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def write_data(path: Path, rows: int = 8) -> None:
-    """Rows of one built-in word problem and a dozen answers, longer than --seq-len (finetune cuts
+def write_data(path: Path, rows: int = 8, answers: int = 12) -> None:
+    """Rows of one built-in word problem and `answers` answers, longer than --seq-len (finetune cuts
     the answers to it, so that every row fills it)."""
     from qsvd.data import synthetic_arithmetic
 
-    problems = synthetic_arithmetic(rows * 12, seed=0)
+    problems = synthetic_arithmetic(rows * answers, seed=0)
     with open(path, "w") as out:
-        for start in range(0, len(problems), 12):
-            chunk = problems[start:start + 12]
+        for start in range(0, len(problems), answers):
+            chunk = problems[start:start + answers]
             out.write(json.dumps({"question": chunk["question"][0], "answer": "\n".join(chunk["answer"])}) + "\n")
 
 

@@ -11,8 +11,8 @@ transformers' own `Trainer` (qsvd trains with its `SupervisedTokensTrainer`).
 Each run is a fresh process, and every run is made once a round (two rounds, in alternating
 order; one with --quick), so that a drift in the machine's speed reaches all runs alike.
 Figures: the median wall time of the steps after warm-up over all rounds, the
-peak memory of the training phase (peak RSS on CPU, torch.cuda.max_memory_allocated on a
-GPU), the setup peak (load, split, quantize, LoRA-SB's gradient estimate) and the trainable
+peak memory of the training phase (peak RSS on CPU; on a GPU what torch's allocator held plus
+the paged optimizer state), the setup peak (load, split, quantize, LoRA-SB's gradient estimate) and the trainable
 parameters. The last line printed is one JSON object with the ratios to the peers.
 
     python benchmarks/train_step.py [--quick] [--workdir DIR] [--methods edora,qlora,...]

@@ -171,3 +171,19 @@ def test_quality_rate_grid_extends_while_its_best_is_at_an_edge(quality, best, t
     chosen, scores = quality.best_rate("qlora", "arc_easy", SimpleNamespace(budget=quality.BUDGETS["full"]), {}, None)
     assert sorted(measured) == pytest.approx(tried) and list(scores) == pytest.approx(tried)
     assert chosen == pytest.approx(min(tried, key=lambda lr: abs(math.log(lr / best))))
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_part(tmp_path):
+    """The GPU check's code on tiny shapes: every method's loss falls, the merged export gives the
+    trained logits, edora and PEFT's QLoRA are both measured, the 7B part reports its peaks beside
+    the plan, and (on a CPU) two gloo processes train."""
+    figures = last_json_line([BENCHMARKS / "gpu_check.py", "--smoke"], tmp_path)
+    assert figures["smoke"] and figures["ok"], figures
+    assert all(figures["methods"][method]["ok"] for method in ("lora", "dora", "pissa", "milora", "loraxs", "edora",
+                                                                "lorasb"))
+    assert figures["export"]["logit_gap"] < 1e-4 and figures["export"]["top1_agreement"] == 1.0
+    assert figures["peer"]["time_ratio"] > 0 and figures["peer"]["mem_ratio"] > 0
+    seven_b = figures["seven_b"]
+    assert seven_b["train_peak_mb"] > 0 and seven_b["plan_training_mb"] > 0 and "met" in seven_b
+    assert figures["ddp"]["processes"] == 2 and figures["ddp"]["ok"]

@@ -154,9 +154,10 @@ class Inputs(NamedTuple):
 
 
 def check_inputs(config: FinetuneConfig) -> Inputs:
-    """What a run checks before any heavy work, cheapest first: --output against --resume and
-    --overwrite, the data, the eval files, then the model's files (fetched or converted once)."""
-    compute_dtype(default_device(), config.spec())  # refuses a dtype this GPU lacks
+    """What a run checks before any heavy work, cheapest first: the compute dtype against the GPU,
+    --output against --resume and --overwrite, the data, the eval files, then the model's files
+    (fetched or converted once)."""
+    compute_dtype(default_device(), config.spec())
     resume_from = resume_point(config, config.output_dir)
     training = training_rows(config.data, config.seed, config=config.data_config, split=config.data_split,
                              prompt_field=config.prompt_field, response_field=config.response_field,

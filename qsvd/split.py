@@ -31,7 +31,8 @@ COMPUTE_DTYPES = ("auto", *DTYPES)  # --dtype's choices
 
 def compute_dtype(device: torch.device, spec: AdapterSpec | None = None) -> torch.dtype:
     """The spec's --dtype, or for auto: float32 on CPU; bf16 on GPUs with native bf16 (compute
-    capability ≥ 8.0), else fp16 (which Trainer trains with a loss scaler)."""
+    capability ≥ 8.0), else fp16 (which Trainer trains with a loss scaler). bf16 asked for on a
+    GPU without it is refused."""
     native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
     if spec is not None and spec.dtype != "auto":
         if spec.dtype == "bf16" and not native_bf16:

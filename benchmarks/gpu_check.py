@@ -45,7 +45,7 @@ SEQ_LEN = 256  # a row of rows.jsonl fits: 70 tokens with SmolLM2's tokenizer, 2
 LR_BOOST = 10  # × each method's default lr: 3 steps must move the loss past bf16's rounding
 SEVEN_B = dict(method="edora", bits=4, rank=16, seq_len=1024, batch_size=1)  # gradient checkpointing: the default
 TARGET_7B_MIB = 5.0e9 / 2**20  # 5.0 GB
-PART_SECONDS = {"methods": 120, "peer": 100, "seven_b": 170, "export": 45, "ddp": 45}  # on a GPU: 8 minutes in all
+PART_SECONDS = {"write": 90, "methods": 100, "peer": 80, "seven_b": 150, "export": 30, "ddp": 30}  # on a GPU: 8 minutes in all
 EXPORT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}  # largest logit gap ÷ largest logit
 PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
 
@@ -252,7 +252,7 @@ def main() -> None:
     gpu = nvidia_smi("name,compute_cap")
     limit = (lambda part: PART_SECONDS[part]) if gpu and not args.smoke else (lambda part: None)
     work.mkdir(parents=True, exist_ok=True)
-    figures = {"gpu": gpu or "none (cpu)", "smoke": args.smoke, "write": run_child("write", work, args.smoke, None)}
+    figures = {"gpu": gpu or "none (cpu)", "smoke": args.smoke, "write": run_child("write", work, args.smoke, limit("write"))}
     for part in parts:
         if part == "peer":
             sides = {side: run_child(f"peer-{side}", work, args.smoke, limit(part) / 2 if limit(part) else None)

@@ -226,7 +226,8 @@ def option_log_likelihoods(model: PreTrainedModel, examples: list[list[dict[str,
                                for sequences, n in zip(examples, shared)], device=device)
     prefix_mask = torch.tensor([[0] * (width - n) + [1] * n for n in shared], device=device)
     prefix = model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True)
-    prefix.past_key_values.batch_repeat_interleave(options)
+    cache = prefix.cache
+    cache.batch_repeat_interleave(options)
 
     suffixes = [(sequence["input_ids"][n:], sequence["labels"][n:])
                 for sequences, n in zip(examples, shared) for sequence in sequences]
@@ -235,7 +236,7 @@ def option_log_likelihoods(model: PreTrainedModel, examples: list[list[dict[str,
     labels = torch.tensor([labels + [IGNORE_INDEX] * (length - len(labels)) for _, labels in suffixes], device=device)
     own = torch.tensor([[1] * len(ids) + [0] * (length - len(ids)) for ids, _ in suffixes], device=device)
     mask = torch.cat([prefix_mask.repeat_interleave(options, dim=0), own], dim=1)
-    logits = model(input_ids=suffix_ids, attention_mask=mask, past_key_values=prefix.past_key_values).logits
+    logits = model(input_ids=suffix_ids, attention_mask=mask, cache=cache).logits
     # suffix token j is predicted by the prefix's last logits (j = 0) or by the suffix's logits at j − 1
     logits = torch.cat([prefix.logits[:, -1:].repeat_interleave(options, dim=0), logits[:, :-1]], dim=1)
     log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]

@@ -135,7 +135,7 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
 def init_lorasb(model: nn.Module, dataset, tokenizer, config: FinetuneConfig) -> None:
     """LoRA-SB's factors from the gradients of the first --grad-samples rows, at η = `first_step_lr`."""
     if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=CHECKPOINTING)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
     batches = first_batches(dataset, tokenizer, config.gradient_samples, config.batch_size, config.seed)
     lr = first_step_lr(config, len(dataset))
     console.print(f"lorasb: init step η = {lr:.3g}" + ("" if config.init_lr else

@@ -181,7 +181,7 @@ def test_lorasb_hook_gradient_equals_autograd(checkpointing):
     """Σ g xᵀ from the hooks is ∂L/∂W, also when the backward recomputes checkpointed layers."""
     model = lorasb_at_base(16)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     hooked = estimate_gradients(model, adapter_layers(model), [BATCH])
     for name, grad in autograd_weight_gradients().items():
         assert torch.allclose(hooked[name], grad, rtol=1e-4, atol=1e-6), name

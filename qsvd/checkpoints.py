@@ -27,7 +27,10 @@ MANIFEST = "manifest.json"
 KEEP = 2  # sealed checkpoints kept: the newest and the one before it
 CHECKPOINTS = "checkpoints"  # in the work dir
 RUN_CONFIG = "config.json"  # in the work dir: the resolved config, which a resume must match
-RESUME_MAY_CHANGE = ("resume", "overwrite", "eval_data", "eval_task", "eval_split", "report_to")
+# Options a resume may change: they do not touch what was computed before the checkpoint. The run's
+# length may grow past the checkpoint; Trainer then lays its schedule over the new length.
+RESUME_MAY_CHANGE = ("resume", "overwrite", "eval_data", "eval_task", "eval_split", "report_to", "save_steps")
+RESUME_MAY_GROW = ("max_steps", "epochs")
 
 
 def seal(checkpoint: Path) -> None:
@@ -112,16 +115,31 @@ def resume_point(config: FinetuneConfig, output: Path) -> Path | None:
     except ValueError:
         raise QSVDError(f"--resume: {work / RUN_CONFIG} is corrupt; start over with --overwrite") from None
     saved = FinetuneConfig().to_dict() | saved  # an option added since the run started has its default
-    changed = [key for key in current if key not in RESUME_MAY_CHANGE and saved.get(key) != current[key]]
+    changed = [key for key in current if key not in RESUME_MAY_CHANGE + RESUME_MAY_GROW and saved.get(key) != current[key]]
     if changed:
         differences = ", ".join(f"{key} {saved.get(key)!r} (now {current[key]!r})" for key in changed)
         raise QSVDError(f"--resume: the interrupted run used other options: {differences}; resume with "
-                        f"the same options, or start over with --overwrite")
+                        f"the same options (--max-steps and --epochs may grow; --save-steps, --report-to and "
+                        f"--eval-data may change), or start over with --overwrite")
     check_output(output, config.overwrite or saved["overwrite"])
     checkpoint = newest_intact(work / CHECKPOINTS)
+    if checkpoint is not None:
+        check_length_grows(saved, current, checkpoint)
     console.print(f"resuming from step {step_of(checkpoint)}" if checkpoint else
                   "no complete checkpoint yet: training starts from step 0")
     return checkpoint
+
+
+def check_length_grows(saved: dict, current: dict, checkpoint: Path) -> None:
+    """A changed --max-steps or --epochs must reach past the checkpoint's step, or its epoch."""
+    for key, flag, unit in (("max_steps", "--max-steps", "step"), ("epochs", "--epochs", "epoch")):
+        if current[key] is None or current[key] == saved.get(key):
+            continue
+        done = (step_of(checkpoint) if unit == "step" else
+                json.loads((checkpoint / "trainer_state.json").read_text())["epoch"])
+        if current[key] <= done:
+            raise QSVDError(f"--resume: {flag} {current[key]:g} does not reach past the checkpoint's {unit} {done:g}; "
+                            f"give a larger {flag}, or start over with --overwrite")
 
 
 def start_work_dir(config: FinetuneConfig, output: Path) -> Path:

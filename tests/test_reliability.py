@@ -2,6 +2,7 @@
 runtime faults say what to do next, and nothing is loaded or run that the user did not ask for."""
 
 import importlib
+import json
 import os
 import random
 import re
@@ -180,6 +181,48 @@ def test_resume_checks_what_it_continues(tiny_model_dir, tmp_path, monkeypatch):
     again = finetune(*args)
     assert again.exit_code == 2 and "--overwrite" in again.output  # a finished run is kept too
     assert finetune(*args, "--overwrite").exit_code == 0
+
+
+def test_a_resume_may_run_longer_and_save_at_another_interval(tiny_model_dir, tmp_path, monkeypatch):
+    """The commonest reason to resume is more steps. A NaN at step 5 of 12 leaves checkpoint 4; a
+    --max-steps that does not pass it is refused; --max-steps 16 --save-steps 4 trains on to step 16
+    with the learning rates of a 16-step run from step 6 (Trainer lays its schedule over the new length)."""
+    from qsvd import train
+
+    real_loss, calls = train.supervised_loss, {"n": 0}
+
+    def diverging_loss(*args, **kwargs):
+        calls["n"] += 1
+        return real_loss(*args, **kwargs) * (float("nan") if calls["n"] == 5 else 1.0)
+
+    monkeypatch.setattr(train, "supervised_loss", diverging_loss)
+    assert "step 5" in error_line(finetune(*tiny_run_args(tiny_model_dir, tmp_path / "run")))
+    monkeypatch.setattr(train, "supervised_loss", real_loss)
+    assert error_line(finetune(*tiny_run_args(tiny_model_dir, tmp_path / "run", "--max-steps", 4), "--resume")) == (
+        "error: --resume: --max-steps 4 does not reach past the checkpoint's step 4; give a larger --max-steps, "
+        "or start over with --overwrite")
+    longer = finetune(*tiny_run_args(tiny_model_dir, tmp_path / "run", "--max-steps", 16, "--save-steps", 4), "--resume")
+    assert longer.exit_code == 0 and "resuming from step 4" in longer.output, longer.output
+    fresh = finetune(*tiny_run_args(tiny_model_dir, tmp_path / "fresh", "--max-steps", 16))
+    assert fresh.exit_code == 0, fresh.output
+    rates = [{entry["step"]: entry["learning_rate"] for entry in map(json.loads, (tmp_path / run / "train_log.jsonl")
+                                                                      .read_text().splitlines()) if "loss" in entry}
+             for run in ("run", "fresh")]
+    # the first step after the checkpoint takes the learning rate the optimizer saved, then the new schedule's
+    assert max(rates[0]) == 16 and all(rates[0][step] == rates[1][step] for step in range(6, 17))
+    assert json.loads((tmp_path / "run" / "qsvd_config.json").read_text())["config"]["max_steps"] == 16
+
+
+def test_a_longer_resume_by_epochs_must_pass_the_checkpoints_epoch(tmp_path):
+    from qsvd.checkpoints import check_length_grows
+
+    checkpoint = tmp_path / "checkpoint-8"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"epoch": 2.0, "global_step": 8}))
+    saved = {"max_steps": None, "epochs": 2.5}
+    check_length_grows(saved, {"max_steps": None, "epochs": 3.0}, checkpoint)
+    with pytest.raises(QSVDError, match="--epochs 1.5 does not reach past the checkpoint's epoch 2;"):
+        check_length_grows(saved, {"max_steps": None, "epochs": 1.5}, checkpoint)
 
 
 def test_data_is_checked_before_the_model_is_fetched(tmp_path):

@@ -7,7 +7,7 @@ import click
 import yaml
 
 from .config import FinetuneConfig
-from .errors import QSVDError
+from .errors import QSVDError, first_line, is_disk_full
 from .evaluate import TASKS
 from .evaluate import evaluate as run_evaluate
 from .export import BASES, FORMATS, SHARD_SIZE
@@ -185,13 +185,19 @@ def plan(ctx: click.Context, targets, **options) -> None:
 
 @contextmanager
 def user_errors(ctx: click.Context):
-    """Turn a QSVDError into 'error: …' and exit 2, unless --debug asks for the traceback."""
+    """Turn a QSVDError, or a full disk, into 'error: …' and exit 2, unless --debug asks for the traceback."""
     try:
         yield
     except QSVDError as error:
         if ctx.obj["debug"]:
             raise
         click.echo(f"error: {error}", err=True)
+        ctx.exit(2)
+    except Exception as error:  # a full disk anywhere else: what was being written is a temporary, removed
+        if ctx.obj["debug"] or not is_disk_full(error):
+            raise
+        click.echo(f"error: the disk is full: {first_line(error)}; nothing half-written was kept: free some space "
+                   f"and run the command again", err=True)
         ctx.exit(2)
 
 

@@ -1,6 +1,9 @@
 """The one exception type a user sees as a one-line message instead of a traceback, the clause
-that quotes a library's error in one, and the turning of running out of memory into one."""
+that quotes a library's error in one, and the turning of running out of memory into one; what a
+full disk looks like."""
 
+import errno
+import os
 from contextlib import contextmanager
 
 
@@ -34,3 +37,14 @@ def out_of_memory_advice(doing: str, advice: str):
         if not is_out_of_memory(error):
             raise
         raise QSVDError(f"out of memory while {doing}; to need less: {advice}") from error
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# as the writers say it: OSError's strerror, safetensors' "(os error 28)" text, torch.save's own
+DISK_FULL_MESSAGES = (*map(os.strerror, DISK_FULL_ERRNOS), "file write failed")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A write that failed for lack of space (a full disk, a quota, a file-size limit)."""
+    return (isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS) or (
+        isinstance(error, Exception) and any(text in str(error) for text in DISK_FULL_MESSAGES))

@@ -32,7 +32,7 @@ from .export_gguf import ARCHITECTURES, GGUF_TYPES, gguf_architecture, modelfile
 from .load import ModelFiles, atomic_dir, atomic_file, empty_model, open_weights, read_config, read_tokenizer
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
-from .run import Run, check_output, read_run
+from .run import Run, check_output, check_writable, read_run
 from .split import DTYPES, find_targets
 
 FORMATS = ("peft", "merged", "gguf")
@@ -256,8 +256,7 @@ def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, up
 def check_gguf_output(output: Path, overwrite: bool) -> None:
     if output.suffix != ".gguf":
         raise QSVDError(f"--output {output}: a GGUF export is one file, named *.gguf")
-    if any(parent.exists() and not parent.is_dir() for parent in output.parents):
-        raise QSVDError(f"--output {output}: a folder on its path is a file")
+    check_writable(output)
     for path in (output, output.with_suffix(".Modelfile")):
         if path.is_dir() or (path.exists() and not overwrite):
             raise QSVDError(f"{path} already exists; choose another --output or pass --overwrite")

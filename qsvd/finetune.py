@@ -14,7 +14,7 @@ from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_di
 from .config import FinetuneConfig
 from .console import console
 from .data import TrainingRows, first_batches, tokenize_rows, training_rows
-from .errors import QSVDError, out_of_memory_advice
+from .errors import QSVDError, first_line, is_disk_full, out_of_memory_advice
 from .evaluate import eval_sets, evaluate_model
 from .launch import processes
 from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
@@ -184,8 +184,18 @@ def train_with_advice(model: nn.Module, tokenizer, dataset, config: FinetuneConf
             return train(model, tokenizer, dataset, config, work / "trainer", work / CHECKPOINTS, resume_from,
                          logs=work / LOGS)
     except NonFiniteLoss as error:
-        newest = newest_intact(work / CHECKPOINTS)
-        resume = (f"the last good checkpoint is step {step_of(newest)} in {work / CHECKPOINTS}: continue with "
-                  f"the same command and --resume, or start over with a lower --lr and --overwrite" if newest else
-                  "no checkpoint was saved before it; start over with a lower --lr and --overwrite")
-        raise QSVDError(f"training stopped: {error} (lr {config.learning_rate:g}); {resume}") from None
+        raise QSVDError(f"training stopped: {error} (lr {config.learning_rate:g}); "
+                        f"{continuation(work, 'a lower --lr')}") from None
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise QSVDError(f"the disk is full: {first_line(error)}; free some space, then {continuation(work, 'more space')}") from None
+
+
+def continuation(work: Path, remedy: str) -> str:
+    """How to go on from the newest complete checkpoint in `work`, or to start over with `remedy`."""
+    newest = newest_intact(work / CHECKPOINTS)
+    if newest is None:
+        return f"no checkpoint was saved before it; start over with {remedy} and --overwrite"
+    return (f"the last good checkpoint is step {step_of(newest)} in {work / CHECKPOINTS}: continue with the same "
+            f"command and --resume, or start over with {remedy} and --overwrite")

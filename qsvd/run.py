@@ -36,9 +36,22 @@ RECORD_KEYS = ("spec", "targets", "config", "model_fingerprint", "trainable_para
 
 
 def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse to mix outputs: an existing non-empty output dir needs --overwrite."""
+    """Refuse to mix outputs: an existing non-empty output dir needs --overwrite; and one that cannot be written."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise QSVDError(f"--output {output} already holds files; choose another --output or pass --overwrite")
+    check_writable(output)
+
+
+def check_writable(output: Path) -> None:
+    """`output` can be made in its folder (it and its temporaries are written beside it, then renamed):
+    the nearest existing folder on its path is a folder, and this user may write in it."""
+    existing = next(folder for folder in output.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise QSVDError(f"--output {output}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = ("it is on a read-only filesystem" if os.statvfs(existing).f_flag & os.ST_RDONLY else
+                  "this user may not write in it")
+        raise QSVDError(f"--output {output}: cannot write in {existing}: {reason}")
 
 
 def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dict]) -> None:

@@ -1,5 +1,6 @@
 """The `qsvd` command line. Every user error is one line on stderr and exit code 2."""
 
+import signal
 import sys
 from contextlib import contextmanager
 
@@ -7,7 +8,7 @@ import click
 import yaml
 
 from .config import FinetuneConfig
-from .errors import QSVDError, first_line, is_disk_full
+from .errors import Interrupted, QSVDError, first_line, is_disk_full, raise_interrupted
 from .evaluate import TASKS
 from .evaluate import evaluate as run_evaluate
 from .export import BASES, FORMATS, SHARD_SIZE
@@ -185,7 +186,8 @@ def plan(ctx: click.Context, targets, **options) -> None:
 
 @contextmanager
 def user_errors(ctx: click.Context):
-    """Turn a QSVDError, or a full disk, into 'error: …' and exit 2, unless --debug asks for the traceback."""
+    """Turn a QSVDError, or a full disk, into 'error: …' and exit 2, unless --debug asks for the traceback;
+    and SIGINT or SIGTERM into one line and exit 130 or 143."""
     try:
         yield
     except QSVDError as error:
@@ -199,7 +201,13 @@ def user_errors(ctx: click.Context):
         click.echo(f"error: the disk is full: {first_line(error)}; nothing half-written was kept: free some space "
                    f"and run the command again", err=True)
         ctx.exit(2)
+    except (Interrupted, KeyboardInterrupt) as error:
+        if not isinstance(error, Interrupted):
+            error = Interrupted(signal.SIGINT)
+        click.echo(f"error: {error}", err=True)
+        ctx.exit(error.exit_code)
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, raise_interrupted)  # as Ctrl-C: through every `finally`, then one line
     cli(prog_name="qsvd")

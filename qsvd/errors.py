@@ -4,6 +4,7 @@ full disk looks like."""
 
 import errno
 import os
+import signal
 from contextlib import contextmanager
 
 
@@ -48,3 +49,22 @@ def is_disk_full(error: BaseException) -> bool:
     """A write that failed for lack of space (a full disk, a quota, a file-size limit)."""
     return (isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS) or (
         isinstance(error, Exception) and any(text in str(error) for text in DISK_FULL_MESSAGES))
+
+
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C, a notebook's stop button) or SIGTERM (a preempted job). A BaseException, as
+    KeyboardInterrupt is, so that no `except Exception` takes it for an error; the exit code is
+    128 + the signal's number (130, 143)."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"interrupted by {signal.Signals(signum).name}; nothing half-written was kept")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def raise_interrupted(signum: int, frame=None) -> None:
+    """A signal handler: stop where the program is, through every `finally` (temporaries are removed)."""
+    raise Interrupted(signum)

@@ -1,7 +1,9 @@
 """The fine-tuning recipe, top to bottom: load → split + quantize → train → export."""
 
+import shlex
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_di
 from .config import FinetuneConfig
 from .console import console
 from .data import TrainingRows, first_batches, tokenize_rows, training_rows
-from .errors import QSVDError, first_line, is_disk_full, out_of_memory_advice
+from .errors import Interrupted, QSVDError, first_line, is_disk_full, out_of_memory_advice
 from .evaluate import eval_sets, evaluate_model
 from .launch import processes
 from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
@@ -186,10 +188,22 @@ def train_with_advice(model: nn.Module, tokenizer, dataset, config: FinetuneConf
     except NonFiniteLoss as error:
         raise QSVDError(f"training stopped: {error} (lr {config.learning_rate:g}); "
                         f"{continuation(work, 'a lower --lr')}") from None
+    except Interrupted as interrupted:
+        newest = newest_intact(work / CHECKPOINTS)
+        kept = (f"the checkpoint of step {step_of(newest)} is kept in {work / CHECKPOINTS}: continue with "
+                f"{resume_command()}" if newest else "no checkpoint was saved yet: start again with --overwrite")
+        raise Interrupted(interrupted.signum, f"{interrupted}; {kept}") from None
     except Exception as error:
         if not is_disk_full(error):
             raise
         raise QSVDError(f"the disk is full: {first_line(error)}; free some space, then {continuation(work, 'more space')}") from None
+
+
+def resume_command() -> str:
+    """The command that continues this run: the one that started it, with --resume."""
+    if Path(sys.argv[0]).name not in ("qsvd", "__main__.py"):
+        return "the same call and resume=True"
+    return "qsvd " + shlex.join([arg for arg in sys.argv[1:] if arg != "--resume"] + ["--resume"])
 
 
 def continuation(work: Path, remedy: str) -> str:

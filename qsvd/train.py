@@ -6,6 +6,8 @@ scheduler, RNG and trainer state), which `checkpoints.SealCheckpoints` seals and
 """
 
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
 from .data import collator
+from .errors import Interrupted, raise_interrupted
 from .loss import supervised_loss
 from .memory import peak_memory_mb, reset_peak_memory, return_freed_memory
 from .split import adapter_state, compute_dtype
@@ -123,6 +126,57 @@ class StepClock(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.step_seconds and state.log_history and "loss" in state.log_history[-1]:
             state.log_history[-1]["step_seconds"] = round(self.step_seconds[-1], 4)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT or SIGTERM while training: the step under way finishes, a checkpoint is saved unless
+    one is at most half of --save-steps old, and training stops; `signum` is the signal that came.
+    A second signal stops at once (the checkpoints are written so that a kill loses none). Every
+    process stops after the same step: they agree on it after each step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.saved_step = 0
+
+    def catch(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, raise_interrupted)
+
+    @contextmanager
+    def caught(self) -> Iterator[None]:
+        """This callback takes SIGINT and SIGTERM meanwhile (in the main thread, the only one that can)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {signum: signal.signal(signum, self.catch) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.saved_step = state.global_step
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not agreed(self.signum is not None, args.device):
+            return
+        self.signum = self.signum or signal.SIGTERM  # another process's signal
+        control.should_training_stop = True
+        if args.save_strategy != "no" and state.global_step - self.saved_step > args.save_steps / 2:
+            control.should_save = True
+
+
+def agreed(flag: bool, device: torch.device) -> bool:
+    """Whether any process has `flag` set (this process's, when there is one)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    votes = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+    return bool(votes.item())
 
 
 class NonFiniteLoss(Exception):
@@ -261,7 +315,8 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     dtype = compute_dtype(model.device, spec)
     args = training_arguments(config, work_dir, dtype)
     clock = StepClock()
-    callbacks = [clock, *callbacks] + ([SealCheckpoints(checkpoints)] if checkpoints is not None else [])
+    stop = StopOnSignal()
+    callbacks = [clock, stop, *callbacks] + ([SealCheckpoints(checkpoints)] if checkpoints is not None else [])
     if "tensorboard" in config.loggers:  # Trainer's own callback, writing where the run keeps its logs
         tensorboard = TensorBoardCallback()
         tensorboard.logging_dir = str(logs or work_dir / "logs")
@@ -273,8 +328,11 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     reset_peak_memory(model.device)
     start = time.perf_counter()
     try:
-        with freed_after_each_block(model), tf32_matmuls(model.device, dtype):
+        with freed_after_each_block(model), tf32_matmuls(model.device, dtype), stop.caught():
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if stop.signum is not None:
+            raise Interrupted(stop.signum, f"interrupted by {signal.Signals(stop.signum).name} at step "
+                                           f"{trainer.state.global_step}")
     except BaseException:
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, ProgressCallback) and callback.training_bar is not None:

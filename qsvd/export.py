@@ -29,7 +29,8 @@ from .config import parse_size
 from .console import console
 from .errors import QSVDError
 from .export_gguf import ARCHITECTURES, GGUF_TYPES, gguf_architecture, modelfile, read_vocabulary, write_gguf
-from .load import ModelFiles, atomic_dir, atomic_file, empty_model, open_weights, read_config, read_tokenizer
+from .load import (ModelFiles, atomic_dir, atomic_file, empty_model, one_writer, open_weights, read_config,
+                   read_tokenizer)
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
 from .run import Run, check_output, check_writable, read_run
@@ -302,14 +303,15 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
             write_merged(tmp, run, files, model, updates, base, DTYPES[dtype], shard_bytes)
         write_card(tmp, output, run, files, updates, format, base, dtype)
 
-    if format == "gguf":  # the file, then an Ollama Modelfile beside it, each in one rename
-        read_merged = merged_reader(run, files, model, updates, base)
-        name = f"{run.spec.method} fine-tune of {run.model}"
-        atomic_file(output, lambda tmp: write_gguf(tmp, model, architecture, vocabulary, files, checkpoint_names(model),
-                                                   read_merged, gguf_type, name))
-        text = modelfile(output, tokenizer.chat_template, tokenizer.eos_token)
-        atomic_file(output.with_suffix(".Modelfile"), lambda tmp: tmp.write_text(text))
-    else:
-        atomic_dir(output, write)
+    with one_writer(output, wait=False):
+        if format == "gguf":  # the file, then an Ollama Modelfile beside it, each in one rename
+            read_merged = merged_reader(run, files, model, updates, base)
+            name = f"{run.spec.method} fine-tune of {run.model}"
+            atomic_file(output, lambda tmp: write_gguf(tmp, model, architecture, vocabulary, files,
+                                                       checkpoint_names(model), read_merged, gguf_type, name))
+            text = modelfile(output, tokenizer.chat_template, tokenizer.eos_token)
+            atomic_file(output.with_suffix(".Modelfile"), lambda tmp: tmp.write_text(text))
+        else:
+            atomic_dir(output, write)
     console.print(f"exported {run.path} ({run.spec.method}) as {format} to {output}")
     return output

@@ -5,6 +5,7 @@ import shutil
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -19,11 +20,11 @@ from .data import TrainingRows, first_batches, tokenize_rows, training_rows
 from .errors import Interrupted, QSVDError, first_line, is_disk_full, out_of_memory_advice
 from .evaluate import eval_sets, evaluate_model
 from .launch import processes
-from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
+from .load import ModelFiles, empty_model, load_tokenizer, one_writer, resolve_model
 from .methods import METHODS
 from .methods.lorasb import init_from_gradients
 from .prepared import build_to_disk, lookup, obtain
-from .run import LOGS, publish, write_run
+from .run import LOGS, check_writable, publish, write_run
 from .split import adapter_layers, compute_dtype, default_device, find_targets
 from .train import CHECKPOINTING, NonFiniteLoss, first_step_lr, train
 
@@ -51,12 +52,14 @@ def init(config: FinetuneConfig | None = None, **options) -> Path:
     set_seed(config.seed)
     files, _ = model_files(config)
     device = default_device()
-    found = lookup(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code,
-                   checksums=True)
-    if found.problem is None:
-        console.print(f"already prepared: {found.path}")
-    else:
-        build_to_disk(found, files, config.spec(), device)
+    path = lookup(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code).path
+    with one_writer(path, wait=True, what="the prepared model"):  # another process may be preparing it
+        found = lookup(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code,
+                       checksums=True)
+        if found.problem is None:
+            console.print(f"already prepared: {found.path}")
+        else:
+            build_to_disk(found, files, config.spec(), device)
     return found.path
 
 
@@ -68,6 +71,13 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     start = time.perf_counter()
     config = config or FinetuneConfig.resolve(**options)
     state = processes()
+    check_writable(config.output_dir)
+    with one_writer(config.output_dir, wait=False) if state.is_main_process else nullcontext():
+        return recipe(config, state, start)
+
+
+def recipe(config: FinetuneConfig, state, start: float) -> RunSummary:
+    """`finetune`'s steps, with --output held by the main process, its one writer."""
     output = config.output_dir
     set_seed(config.seed)
 

@@ -6,6 +6,7 @@ So no step holds the whole 16-bit model. A GGUF's config and tokenizer are conve
 to a small cache directory.
 """
 
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -155,6 +156,44 @@ def read_ahead(keys: Iterable[K], read: Callable[[K], V]) -> Iterator[tuple[K, V
             yield key, value
 
 
+@contextmanager
+def one_writer(target: Path, wait: bool, what: str = "--output") -> Iterator[None]:
+    """Be `target`'s only writer meanwhile: hold an exclusive lock on `.<name>.lock` beside it, marked
+    with this writer's host and pid. The kernel (flock) releases it when the holder ends, however
+    it ends, so a dead writer's mark never blocks. `wait`: until the other writer is done (it may
+    have made what this one would make); else a QSVDError that names it."""
+    lock = target.with_name(f".{target.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace") or "another process"
+            if not wait:
+                os.close(fd)
+                raise QSVDError(f"{what} {target} is being written now by {holder}; wait for it to finish, or "
+                                f"choose another {what}") from None
+            console.print(f"waiting for {holder}, which is writing {target} ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break  # still the lock file: its last holder did not remove it meanwhile
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+        except OSError:
+            pass  # a full disk: the lock holds without its mark, and the writer meets the full disk itself
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held, so that no one waits on a removed file
+        os.close(fd)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -197,19 +236,23 @@ def _gguf_files(gguf: Path) -> ModelFiles:
     """A GGUF model: its weights stay in the GGUF; its config and tokenizer are converted once."""
     stat = gguf.stat()
     config_dir = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    if not (config_dir / "config.json").is_file():
-        def write(tmp: Path) -> None:
-            console.print(f"reading the config and tokenizer of {gguf.name} (once) ...")
-            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            config.__dict__.pop("quantization_config", None)  # the weights are dequantized as read
-            config.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    if (config_dir / "config.json").is_file():
+        return ModelFiles(config_dir, (gguf,), gguf=True)
 
-        try:
-            atomic_dir(config_dir, write)
-        except Exception as error:  # the gguf reader and transformers' converters raise many types
-            raise QSVDError(f"{gguf} cannot be read as a GGUF model by transformers: {first_line(error)}; is the file "
-                            f"complete, and of an architecture that transformers reads from GGUF?") from None
+    def write(tmp: Path) -> None:
+        console.print(f"reading the config and tokenizer of {gguf.name} (once) ...")
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config.__dict__.pop("quantization_config", None)  # the weights are dequantized as read
+        config.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    with one_writer(config_dir, wait=True, what="the converted config"):
+        if not (config_dir / "config.json").is_file():  # another process may have converted it meanwhile
+            try:
+                atomic_dir(config_dir, write)
+            except Exception as error:  # the gguf reader and transformers' converters raise many types
+                raise QSVDError(f"{gguf} cannot be read as a GGUF model by transformers: {first_line(error)}; is the "
+                                f"file complete, and of an architecture that transformers reads from GGUF?") from None
     return ModelFiles(config_dir, (gguf,), gguf=True)
 
 

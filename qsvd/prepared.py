@@ -31,8 +31,8 @@ from torch import nn
 
 from . import __version__, quantize
 from .console import console
-from .load import (ModelFiles, atomic_dir, cache_dir, check_complete, empty_model, file_sha256, open_weights,
-                   prefetch, read_ahead)
+from .load import (ModelFiles, atomic_dir, cache_dir, check_complete, empty_model, file_sha256, one_writer,
+                   open_weights, prefetch, read_ahead)
 from .memory import return_freed_memory
 from .methods import METHODS, AdapterLayer, AdapterSpec
 from .split import (QuantizationReport, adapter_layers, check_rank, compute_dtype, default_device, find_targets,
@@ -240,10 +240,15 @@ def obtain(files: ModelFiles, spec: AdapterSpec, targets: list[str] | None = Non
     """
     device = torch.device(device) if device is not None else default_device()
     found = lookup(files, spec, targets, seed, device, trust_remote_code)
-    if found.problem is None:
-        console.print(f"reusing the prepared model {found.path}")
-        try:
-            return load_prepared(found.path, found.model, files, spec, found.targets, device, progress), found.path
-        except CorruptPrepared as error:  # the half-filled model is dropped; a new empty one is split
-            found = replace(found, model=empty_model(files, trust_remote_code), problem=str(error))
-    return build(found, files, spec, device, progress), found.path
+    if found.problem is not None:
+        with one_writer(found.path, wait=True, what="the prepared model"):
+            found = lookup(files, spec, targets, seed, device, trust_remote_code)  # made meanwhile by another process?
+            if found.problem is not None:
+                return build(found, files, spec, device, progress), found.path
+    console.print(f"reusing the prepared model {found.path}")
+    try:
+        return load_prepared(found.path, found.model, files, spec, found.targets, device, progress), found.path
+    except CorruptPrepared as error:  # the half-filled model is dropped; a new empty one is split
+        found = replace(found, model=empty_model(files, trust_remote_code), problem=str(error))
+    with one_writer(found.path, wait=True, what="the prepared model"):
+        return build(found, files, spec, device, progress), found.path

@@ -18,6 +18,7 @@ from .finetune import check_inputs
 from .finetune import finetune as run_finetune
 from .finetune import init as run_init
 from .launch import launched, relaunch, without_option
+from .load import one_writer
 from .methods import METHODS
 from .plan import GPUS_MIB
 from .plan import plan as run_plan
@@ -106,7 +107,8 @@ def finetune(ctx: click.Context, config_file, dry_run, num_processes, **flags) -
             click.echo(yaml.safe_dump(config.resolved(), sort_keys=False), nl=False)
             return
         if num_processes > 1 and not launched():
-            check_inputs(config)  # a bad input is told here, once, not by every process
+            with one_writer(config.output_dir, wait=False):  # a run being written is told here too
+                check_inputs(config)  # a bad input is told here, once, not by every process
             ctx.exit(relaunch(num_processes, without_option(sys.argv[1:], "--num-processes")))
         run_finetune(config)
 

@@ -29,11 +29,11 @@ from .config import parse_size
 from .console import console
 from .errors import QSVDError
 from .export_gguf import ARCHITECTURES, GGUF_TYPES, gguf_architecture, modelfile, read_vocabulary, write_gguf
-from .load import (ModelFiles, atomic_dir, atomic_file, empty_model, one_writer, open_weights, read_config,
-                   read_tokenizer)
+from .load import (ModelFiles, atomic_dir, atomic_file, check_writable, empty_model, one_writer, open_weights,
+                   read_config, read_tokenizer)
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
-from .run import Run, check_output, check_writable, read_run
+from .run import Run, check_output, read_run
 from .split import DTYPES, find_targets
 
 FORMATS = ("peft", "merged", "gguf")

@@ -24,7 +24,7 @@ from .load import ModelFiles, empty_model, load_tokenizer, one_writer, resolve_m
 from .methods import METHODS
 from .methods.lorasb import init_from_gradients
 from .prepared import build_to_disk, lookup, obtain
-from .run import LOGS, check_writable, publish, write_run
+from .run import LOGS, publish, write_run
 from .split import adapter_layers, compute_dtype, default_device, find_targets
 from .train import CHECKPOINTING, NonFiniteLoss, first_step_lr, train
 
@@ -71,7 +71,6 @@ def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     start = time.perf_counter()
     config = config or FinetuneConfig.resolve(**options)
     state = processes()
-    check_writable(config.output_dir)
     with one_writer(config.output_dir, wait=False) if state.is_main_process else nullcontext():
         return recipe(config, state, start)
 

@@ -156,12 +156,25 @@ def read_ahead(keys: Iterable[K], read: Callable[[K], V]) -> Iterator[tuple[K, V
             yield key, value
 
 
+def check_writable(target: Path, what: str = "--output") -> None:
+    """`target` can be made in its folder (it and its temporaries are written beside it, then renamed):
+    the nearest existing folder on its path is a folder, and this user may write in it."""
+    existing = next(folder for folder in target.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise QSVDError(f"{what} {target}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = ("it is on a read-only filesystem" if os.statvfs(existing).f_flag & os.ST_RDONLY else
+                  "this user may not write in it")
+        raise QSVDError(f"{what} {target}: cannot write in {existing}: {reason}")
+
+
 @contextmanager
 def one_writer(target: Path, wait: bool, what: str = "--output") -> Iterator[None]:
     """Be `target`'s only writer meanwhile: hold an exclusive lock on `.<name>.lock` beside it, marked
     with this writer's host and pid. The kernel (flock) releases it when the holder ends, however
     it ends, so a dead writer's mark never blocks. `wait`: until the other writer is done (it may
     have made what this one would make); else a QSVDError that names it."""
+    check_writable(target, what)
     lock = target.with_name(f".{target.name}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:

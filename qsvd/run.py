@@ -23,7 +23,7 @@ from torch import nn
 
 from . import __version__
 from .errors import QSVDError
-from .load import ModelFiles, empty_model, file_sha256, load_tokenizer, open_weights, resolve_model
+from .load import ModelFiles, check_writable, empty_model, file_sha256, load_tokenizer, open_weights, resolve_model
 from .methods import METHODS, AdapterSpec
 from .split import adapter_state, restore
 
@@ -40,18 +40,6 @@ def check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise QSVDError(f"--output {output} already holds files; choose another --output or pass --overwrite")
     check_writable(output)
-
-
-def check_writable(output: Path) -> None:
-    """`output` can be made in its folder (it and its temporaries are written beside it, then renamed):
-    the nearest existing folder on its path is a folder, and this user may write in it."""
-    existing = next(folder for folder in output.absolute().parents if folder.exists())
-    if not existing.is_dir():
-        raise QSVDError(f"--output {output}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        reason = ("it is on a read-only filesystem" if os.statvfs(existing).f_flag & os.ST_RDONLY else
-                  "this user may not write in it")
-        raise QSVDError(f"--output {output}: cannot write in {existing}: {reason}")
 
 
 def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dict]) -> None:

@@ -1,7 +1,8 @@
 """One command that checks qsvd on a real GPU in under 8 minutes, each part in a fresh process.
 
 - methods: every method, 3 steps on the embedded model (SmolLM2-135M-Instruct) at the GPU's auto
-  dtype, on rows of one repeated problem: the loss is finite and falls;
+  dtype, on rows of one repeated problem (GSM8K's first, read from --data-dir): the loss is finite
+  and falls;
 - peer: edora and PEFT's QLoRA side by side on a 1B-shaped random Llama (TinyLlama's shapes),
   as benchmarks/train_step.py runs them (rank 16, batch 4 × 256): median step time and training
   peak memory, and their ratios;
@@ -19,7 +20,7 @@ shapes, and on a CPU the ddp part on 2 gloo processes, so that the script cannot
 (tests/test_benchmarks.py runs it with --run-slow). Models and the prepared-model cache are kept in
 the work directory, so a rerun skips writing them.
 
-    python benchmarks/gpu_check.py [--smoke] [--workdir DIR] [--parts methods,peer,seven_b,export,ddp]
+    python benchmarks/gpu_check.py [--smoke] [--workdir DIR] [--data-dir ../shared/data] [--parts methods,...]
 """
 
 import argparse
@@ -34,6 +35,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import seven_b
+from peers import SHARED_DATA
 
 PARTS = ("methods", "peer", "seven_b", "export", "ddp")
 SHAPES = {"1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -47,7 +49,6 @@ SEVEN_B = dict(method="edora", bits=4, rank=16, seq_len=1024, batch_size=1)  # g
 TARGET_7B_MIB = 5.0e9 / 2**20  # 5.0 GB
 PART_SECONDS = {"write": 90, "methods": 100, "peer": 80, "seven_b": 150, "export": 30, "ddp": 30}  # on a GPU: 8 minutes in all
 EXPORT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}  # largest logit gap ÷ largest logit
-PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
 
 
 # ---- the parts, each run in a process of its own (--child PART) -------------------------------------
@@ -60,14 +61,25 @@ def models(work: Path, smoke: bool) -> dict[str, str]:
 
 
 def write_inputs(work: Path, smoke: bool) -> None:
-    """The random models and the data files, written once."""
+    """The random models and the long rows, written once."""
     for shape in ["tiny"] if smoke else ["1b", "7b"]:
         seven_b.write_random_llama(work / f"llama-{shape}", SHAPES[shape])
-    row = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "
-                       "in May. How many clips did Natalia sell altogether in April and May?",
-           "answer": "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether. #### 72"}
-    (work / "rows.jsonl").write_text((json.dumps(row) + "\n") * 8)
     seven_b.write_data(work / "long.jsonl", rows=4, answers=40)  # rows past 1024 tokens, cut to --seq-len
+
+
+def write_rows(work: Path, data_dir: Path) -> None:
+    """rows.jsonl: GSM8K's first training row, read from the shared data in place, eight times."""
+    source = data_dir / "gsm8k" / "train.jsonl"
+    if not source.is_file():
+        sys.exit(f"gpu_check trains on a GSM8K row: {source} is missing (--data-dir: the project's shared data)")
+    with open(source) as rows:
+        row = json.loads(rows.readline())
+    (work / "rows.jsonl").write_text((json.dumps(row) + "\n") * 8)
+
+
+def first_question(work: Path) -> str:
+    with open(work / "rows.jsonl") as rows:
+        return json.loads(rows.readline())["question"]
 
 
 def finetune_losses(output: Path, **options) -> list[float]:
@@ -145,7 +157,7 @@ def export_part(work: Path, smoke: bool) -> dict:
     trained, tokenizer = qsvd.load_run(run)
     device = next(trained.parameters()).device
     exported = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).to(device)
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(device)
+    ids = tokenizer(first_question(work), return_tensors="pt")["input_ids"].to(device)
     with torch.no_grad():
         ours, theirs = trained.eval()(ids).logits.float(), exported.eval()(ids).logits.float()
     dtype = str(trained.get_input_embeddings().weight.dtype).removeprefix("torch.")
@@ -236,6 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: the same code, on any machine")
     parser.add_argument("--workdir", help="models, cache and runs (default: ~/.cache/qsvd/benchmarks/gpu_check)")
+    parser.add_argument("--data-dir", default=str(SHARED_DATA), help="folder with gsm8k/ (default: ../shared/data)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, among {', '.join(PARTS)}")
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -252,6 +265,7 @@ def main() -> None:
     gpu = nvidia_smi("name,compute_cap")
     limit = (lambda part: PART_SECONDS[part]) if gpu and not args.smoke else (lambda part: None)
     work.mkdir(parents=True, exist_ok=True)
+    write_rows(work, Path(args.data_dir))
     figures = {"gpu": gpu or "none (cpu)", "smoke": args.smoke, "write": run_child("write", work, args.smoke, limit("write"))}
     for part in parts:
         if part == "peer":

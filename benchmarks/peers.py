@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the project's real data, read in place
 
 
 def write_smollm2(path: Path) -> None:

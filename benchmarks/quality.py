@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from peers import TARGETS, peer_model, write_smollm2
+from peers import SHARED_DATA, TARGETS, peer_model, write_smollm2
 
 from qsvd.evaluate import bootstrap_interval, write_jsonl
 
@@ -401,7 +401,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 steps, a 2-point grid of 2 steps, 8 dev rows: a check that runs in minutes")
     parser.add_argument("--output", default="runs/quality", help="where the report, runs and predictions go")
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data"),
+    parser.add_argument("--data-dir", default=str(SHARED_DATA),
                         help="folder with arc_easy/, boolq/ and gsm8k/ (default: ../shared/data)")
     parser.add_argument("--methods", default=",".join([*METHODS, PEER]), help="runs besides the base model")
     parser.add_argument("--datasets", help=f"some of {','.join(DATASETS)} (default: arc_easy)")

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+SHARED_DATA = BENCHMARKS.parent.parent / "shared" / "data"
 
 
 def last_json_line(args, tmp_path):
@@ -178,6 +179,8 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     """The GPU check's code on tiny shapes: every method's loss falls, the merged export gives the
     trained logits, edora and PEFT's QLoRA are both measured, the 7B part reports its peaks beside
     the plan, and (on a CPU) two gloo processes train."""
+    if not (SHARED_DATA / "gsm8k" / "train.jsonl").is_file():
+        pytest.skip(f"needs GSM8K from the project's shared data: {SHARED_DATA}")
     figures = last_json_line([BENCHMARKS / "gpu_check.py", "--smoke"], tmp_path)
     assert figures["smoke"] and figures["ok"], figures
     assert all(figures["methods"][method]["ok"] for method in ("lora", "dora", "pissa", "milora", "loraxs", "edora",

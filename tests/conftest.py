@@ -86,3 +86,10 @@ def fake_gpus(monkeypatch, count: int = 1, capability: tuple[int, int] = (8, 0),
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+def tiny_run_args(model_dir, output, *extra) -> list[str]:
+    """`qsvd finetune`'s flags for a short edora run of a tiny model; a flag in `extra` overrides its default."""
+    return [str(arg) for arg in ["--model", model_dir, "--output", output, "--method", "edora", "--bits", 4, "--rank", 4,
+                                 "--seq-len", 400, "--batch-size", 4, "--max-steps", 12, "--save-steps", 2, "--lr", 3e-2,
+                                 *extra]]

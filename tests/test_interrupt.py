@@ -15,15 +15,14 @@ import time
 import pytest
 
 from qsvd.checkpoints import newest_intact
+from conftest import tiny_run_args
 
 QSVD = [sys.executable, "-m", "qsvd"]
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
 
 
 def run_args(model_dir, output):
-    return list(map(str, ["finetune", "--model", model_dir, "--output", output, "--method", "edora", "--bits", 4,
-                          "--rank", 4, "--seq-len", 400, "--batch-size", 4, "--max-steps", 24, "--save-steps", 4,
-                          "--lr", 3e-2]))
+    return ["finetune", *tiny_run_args(model_dir, output, "--max-steps", 24, "--save-steps", 4)]
 
 
 @pytest.fixture(scope="module")

@@ -13,27 +13,23 @@ from click.testing import CliRunner
 
 from qsvd.cli import cli
 from qsvd.load import one_writer
-from conftest import tiny_model
+from conftest import tiny_model, tiny_run_args
 from gguf_files import write_gguf
 
 QSVD = [sys.executable, "-m", "qsvd"]
 
 
-def run_args(model, output, *extra):
-    return ["--model", str(model), "--output", str(output), "--method", "edora", "--rank", "4", "--seq-len", "400",
-            "--batch-size", "4", *map(str, extra)]
-
-
 def test_a_run_being_written_is_refused_to_every_other_writer_and_finishes_untouched(tiny_model_dir, tmp_path):
     output = tmp_path / "run"
-    first = subprocess.Popen(QSVD + ["finetune", *run_args(tiny_model_dir, output, "--max-steps", 100)],
+    args = ["finetune", *tiny_run_args(tiny_model_dir, output, "--max-steps", 100, "--save-steps", 50)]
+    first = subprocess.Popen(QSVD + args,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (tmp_path / ".run.partial").is_dir():  # it trains
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
         time.sleep(0.05)
     for extra in ([], ["--overwrite"], ["--resume"]):
-        second = CliRunner().invoke(cli, ["finetune", *run_args(tiny_model_dir, output, "--max-steps", 100), *extra])
+        second = CliRunner().invoke(cli, [*args, *extra])
         assert second.exit_code == 2, second.output
         assert re.search(rf"^error: --output {re.escape(str(output))} is being written now by process {first.pid} on "
                          r"\S+; wait for it to finish, or choose another --output$", second.output, re.M), second.output

@@ -20,13 +20,9 @@ import qsvd
 from qsvd.checkpoints import MANIFEST
 from qsvd.cli import cli
 from qsvd.errors import QSVDError
+from conftest import tiny_run_args
 
 QSVD = [sys.executable, "-m", "qsvd"]
-
-
-def tiny_run_args(model_dir, output, *extra):
-    return ["--model", model_dir, "--output", output, "--method", "edora", "--bits", 4, "--rank", 4,
-            "--seq-len", 400, "--batch-size", 4, "--max-steps", 12, "--save-steps", 2, "--lr", 3e-2, *extra]
 
 
 def finetune(*args):

@@ -13,13 +13,9 @@ from click.testing import CliRunner
 
 from qsvd.checkpoints import is_intact, newest_intact
 from qsvd.cli import cli
+from conftest import tiny_run_args
 
 QSVD = [sys.executable, "-m", "qsvd"]
-
-
-def run_args(model_dir, output, *extra):
-    return ["--model", str(model_dir), "--output", str(output), "--method", "edora", "--rank", "4", "--seq-len", "400",
-            "--batch-size", "4", "--lr", "3e-2", *map(str, extra)]
 
 
 def error_lines(output: str) -> list[str]:
@@ -29,10 +25,10 @@ def error_lines(output: str) -> list[str]:
 def test_an_output_under_a_file_is_refused_in_one_line(tiny_model_dir, tmp_path):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file where a folder would go")
-    result = CliRunner().invoke(cli, ["finetune", *run_args(tiny_model_dir, blocker / "runs" / "edora", "--max-steps", 1)])
+    result = CliRunner().invoke(cli, ["finetune", *tiny_run_args(tiny_model_dir, blocker / "runs" / "edora", "--max-steps", 1)])
     assert result.exit_code == 2
     assert error_lines(result.output) == [f"error: --output {blocker / 'runs' / 'edora'}: {blocker} is a file, not a folder"]
-    assert CliRunner().invoke(cli, ["finetune", *run_args(tiny_model_dir, tmp_path / "run", "--max-steps", 1)]).exit_code == 0
+    assert CliRunner().invoke(cli, ["finetune", *tiny_run_args(tiny_model_dir, tmp_path / "run", "--max-steps", 1)]).exit_code == 0
     for args in (["--output", str(blocker / "peft")], ["--format", "gguf", "--output", str(blocker / "model.gguf")]):
         result = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), *args])
         assert result.exit_code == 2 and f"{blocker} is a file, not a folder" in result.output, result.output
@@ -56,7 +52,7 @@ def test_an_output_in_a_folder_that_cannot_be_written_is_refused(cause, tiny_mod
             pytest.skip("cannot mount a read-only filesystem here (not root?)")
         reason = "it is on a read-only filesystem"
     try:
-        result = CliRunner().invoke(cli, ["finetune", *run_args(tiny_model_dir, locked / "run", "--max-steps", 1)])
+        result = CliRunner().invoke(cli, ["finetune", *tiny_run_args(tiny_model_dir, locked / "run", "--max-steps", 1)])
         assert result.exit_code == 2
         assert error_lines(result.output) == [f"error: --output {locked / 'run'}: cannot write in {locked}: {reason}"]
         assert list(locked.iterdir()) == []
@@ -94,7 +90,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_resume_continues(tiny_model_d
     """The disk fills while training: the next checkpoint fails, the last one stays intact, one line
     says so with the command to go on; with space again --resume finishes. An export into the full
     disk leaves nothing behind."""
-    args = run_args(tiny_model_dir, small_disk / "run", "--max-steps", 60, "--save-steps", 2)
+    args = tiny_run_args(tiny_model_dir, small_disk / "run", "--max-steps", 60, "--save-steps", 2)
     process = subprocess.Popen(QSVD + ["finetune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoints = small_disk / ".run.partial" / "checkpoints"
     while not (checkpoints.is_dir() and any(checkpoints.iterdir())):

@@ -7,25 +7,28 @@ target layers' shapes are exact for any architecture. The parts, in bytes:
 - adapter: every adapter tensor in fp32, trainable or not (factors, cores, magnitudes, statistics);
 - gradients: 4 a trainable weight; optimizer: paged 8-bit AdamW keeps 2 bytes a weight for
   tensors of 4096 elements or more, 8 below (bitsandbytes' min_8bit_size), AdamW 8;
-- activations: each decoder block's input kept for the backward pass, plus one block's working
-  set (recomputed under gradient checkpointing, else kept for every block; on a CPU with the
-  attention scores, which GPU kernels never hold whole) and the largest quantized layer's weight
-  dequantized for its matmul; plus one chunk of the supervised tokens' logits in fp32 with their
-  gradient (`loss.chunk_tokens`; all of them for a model whose logits are not lm_head(hidden));
+- activations: each decoder block's input kept for the backward pass (and without gradient
+  checkpointing every block's working set); then the larger of two working sets that a step never
+  holds together: one block's (recomputed under gradient checkpointing; on a CPU with the attention
+  scores, which GPU kernels never hold whole) with the largest quantized layer's weight dequantized
+  for its matmul, and the loss's, one chunk of the supervised tokens' logits in fp32 as their
+  log-softmax, its gradient and the logits' gradient (`loss.chunk_tokens`; all of them for a model
+  whose logits are not lm_head(hidden));
 - the split's workspace while the model is prepared: a few fp32 copies of the largest layer, and
   one shard of the prepared model serialized in memory as it is written; `finetune` holds the
   prepared model beside it ("preparation total"), `qsvd init` streams it to disk, reading the
   next layer (fp32) while it splits this one ("init total");
 - a merged export (on a CPU, where it always runs): one output shard (1 GiB, bf16) and the fp32
   copies of the largest layer as its update is merged, beside the adapter tensors;
-- on a CPU, the process's libraries (this process's own resident memory after its imports), and
-  what the C allocator (glibc) keeps of the freed buffers: measured on SmolLM2-135M, about
-  `CPU_ALLOCATOR_CACHE` times a step's activation and logit buffers (or the split's fp32 copies,
-  when a layer is under glibc's largest mmap threshold: larger buffers are unmapped when freed),
-  plus `CPU_SETUP_RESIDUE_MIB` left from loading and splitting; on a GPU, its CUDA context and
-  what torch's caching allocator holds beyond the live tensors (`GPU_ALLOCATOR_SLACK` of a step's
-  activation and logit buffers), and with several processes NCCL's own buffers (DDP's gradient
-  buckets are the gradients themselves: `gradient_as_bucket_view`);
+- on a CPU, the process's libraries (this process's own resident memory after its imports) and
+  `CPU_SETUP_RESIDUE_MIB` left from loading and splitting; what glibc keeps of freed buffers: during
+  training, where qsvd hands freed memory back after each block and each chunk of logits,
+  `CPU_STEP_CACHE` of the step's working set; while a layer is split or merged, `CPU_ALLOCATOR_CACHE`
+  times its fp32 copies when they are under glibc's largest mmap threshold (larger buffers are
+  unmapped when freed); on a GPU, its CUDA context and what torch's caching allocator holds beyond
+  the live tensors (`GPU_ALLOCATOR_SLACK` of a step's activations and working set), and with several
+  processes NCCL's own buffers (DDP's gradient buckets are the gradients themselves:
+  `gradient_as_bucket_view`);
 - with several processes, each holds all of this: one GPU each, or on a CPU the same RAM, so a
   CPU plan's totals are for all of them together.
 Rows are planned at --seq-len tokens, every one supervised: shorter rows need less.
@@ -52,7 +55,8 @@ BF16_GPUS = {"a10", "4090", "a100-40", "h100"}  # compute capability ≥ 8.0; a 
 CUDA_CONTEXT_MIB = 500
 GPU_ALLOCATOR_SLACK = 0.15  # torch's cached and split blocks ÷ a step's transient buffers: an estimate, until gpu_check measures one
 NCCL_MIB = 300  # NCCL's buffers and its own CUDA context share, a process: an estimate
-CPU_ALLOCATOR_CACHE = 2.1  # glibc's kept freed buffers ÷ the live ones, measured (README: Will it fit?)
+CPU_ALLOCATOR_CACHE = 2.1  # glibc's kept freed buffers ÷ the live ones while a layer is split or merged, measured
+CPU_STEP_CACHE = 0.3  # what glibc keeps between two trims of a step ÷ the step's working set, measured (README: Will it fit?)
 CPU_SETUP_RESIDUE_MIB = 64  # heap left after loading and splitting, measured
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc maps larger buffers and unmaps them when freed: none kept
 SPLIT_COPIES = 4  # fp32 copies of the largest target while it is split (W, its factors, the residual, Q's input)
@@ -170,25 +174,26 @@ def budget(setup: Setup) -> dict[str, float]:
     block_working_set = tokens * (10 * hidden + 4 * config.intermediate_size) * dtype_bytes
     if not on_gpu and setup.batch_size > 1:  # with padding, CPU attention holds the scores, their softmax and its gradient
         block_working_set += 3 * setup.batch_size * config.num_attention_heads * setup.seq_len ** 2 * dtype_bytes
-    kept_inputs = blocks * tokens * hidden * dtype_bytes
     largest = max(linear.weight.numel() for linear in linears.values())
     dequantized = largest * dtype_bytes if spec.bits < 16 else 0  # a quantized matmul's dequantized weight
-    parts["activations"] = kept_inputs + block_working_set * (1 if setup.gradient_checkpointing else blocks) + \
-        dequantized
+    parts["activations"] = blocks * tokens * hidden * dtype_bytes + \
+        (0 if setup.gradient_checkpointing else blocks * block_working_set)  # what every block keeps for backward
+    parts["block working set"] = dequantized + (block_working_set if setup.gradient_checkpointing else 0)
     logit_tokens = min(tokens, chunk_tokens(config.vocab_size)) if plain_logits(model) else tokens
-    parts["logits"] = 2 * logit_tokens * config.vocab_size * 4
+    parts["logits"] = 3 * logit_tokens * config.vocab_size * 4  # log-softmax, its gradient, the logits' gradient
+    working_set = max(parts["block working set"], parts["logits"])  # never live together
     split_copies = SPLIT_COPIES * 4 * largest
     parts["split workspace"] = split_copies + min(parts["frozen targets"] + parts["adapter"], SHARD_BYTES)
     if on_gpu:
         parts["runtime"] = (CUDA_CONTEXT_MIB + (NCCL_MIB if setup.processes > 1 else 0)) * 2**20
-        parts["allocator cache, training"] = GPU_ALLOCATOR_SLACK * (parts["activations"] + parts["logits"])
+        parts["allocator cache, training"] = GPU_ALLOCATOR_SLACK * (parts["activations"] + working_set)
     else:
         parts["runtime"] = (status_mb("VmRSS") + CPU_SETUP_RESIDUE_MIB) * 2**20
-        parts["allocator cache, training"] = CPU_ALLOCATOR_CACHE * (parts["activations"] + parts["logits"])
+        parts["allocator cache, training"] = CPU_STEP_CACHE * working_set
         parts["allocator cache, split"] = kept_by_allocator(4 * largest, split_copies)  # the shard: one mmap, returned
     weights = parts["frozen targets"] + parts["other weights"] + parts["adapter"]
     parts["training total"] = weights + parts["gradients"] + parts["optimizer"] + parts["activations"] + \
-        parts["logits"] + parts["runtime"] + parts.get("allocator cache, training", 0)
+        working_set + parts["runtime"] + parts["allocator cache, training"]
     parts["preparation total"] = weights + parts["split workspace"] + parts["runtime"] + \
         parts.get("allocator cache, split", 0)
     parts["init total"] = parts["split workspace"] + 4 * largest + parts["runtime"] + \
@@ -254,7 +259,7 @@ def plan(model: str = EMBEDDED_ALIAS, gpu: str | None = None, **options) -> dict
                   f"{'on' if setup.gradient_checkpointing else 'off'}, on {where}")
     for name, value in parts.items():
         if name == "training total":
-            console.print("  " + "-" * 40)
+            console.print("  " + "-" * 40 + "\n  (training counts the larger of the block working set and the logits)")
         console.print(f"  {name:<26}{value / 2**20:>10,.0f} MiB")
     fits = parts["peak"] / 2**20 <= capacity
     console.print(f"fits: {'yes' if fits else 'no'} ({parts['peak'] / 2**20:,.0f} of {capacity:,.0f} MiB)")

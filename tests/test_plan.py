@@ -2,23 +2,22 @@
 of real runs within 15%; it needs no weights; it advises."""
 
 import json
-import os
-import random
-import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from transformers import Gemma2Config
 
 from qsvd.cli import cli
-from qsvd.load import load_tokenizer, resolve_model
 from qsvd.plan import Setup, budget
 from qsvd.split import adapter_layers, prepare
 
 from conftest import tiny_model
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "pissa", "milora", "loraxs", "edora"])
@@ -37,14 +36,14 @@ def test_parts_equal_a_prepared_model(method, tiny_model_dir):
 
 
 def test_plan_holds_one_chunk_of_logits_unless_the_model_changes_its_logits(tmp_path):
-    """Llama 3 at 2048 tokens: 261 tokens' logits (128 MiB in fp32) and their gradient, not 2048;
-    Gemma 2 soft-caps its logits, so its loss takes them whole."""
+    """Llama 3 at 2048 tokens: 261 tokens' logits (128 MiB in fp32) as their log-softmax, its gradient
+    and the logits' gradient, not 2048; Gemma 2 soft-caps its logits, so its loss takes them whole."""
     llama3 = budget(Setup(model="llama3-8b", batch_size=1, seq_len=2048))
-    assert llama3["logits"] == 2 * 261 * 128256 * 4
-    assert budget(Setup(model="llama3-8b", batch_size=1, seq_len=200))["logits"] == 2 * 200 * 128256 * 4
+    assert llama3["logits"] == 3 * 261 * 128256 * 4
+    assert budget(Setup(model="llama3-8b", batch_size=1, seq_len=200))["logits"] == 3 * 200 * 128256 * 4
     Gemma2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16).save_pretrained(tmp_path)
-    assert budget(Setup(model=str(tmp_path), batch_size=1, seq_len=2048))["logits"] == 2 * 2048 * 1000 * 4
+    assert budget(Setup(model=str(tmp_path), batch_size=1, seq_len=2048))["logits"] == 3 * 2048 * 1000 * 4
 
 
 def test_plan_takes_the_compute_dtype():
@@ -82,37 +81,17 @@ def test_plan_bad_input(args, message):
     assert result.exit_code == 2 and message in result.output, result.output
 
 
-def full_rows(tokenizer, seq_len: int, path, rows: int = 16) -> None:
-    """Rows whose answers fill --seq-len, as the plan assumes: every token supervised."""
-    words = "alpha beta gamma delta river stone cloud seven eleven market garden window yellow quiet".split()
-    rng = random.Random(0)
-    with open(path, "w") as file:
-        for i in range(rows):
-            ids = tokenizer(" ".join(rng.choice(words) for _ in range(seq_len)), add_special_tokens=False)["input_ids"]
-            row = {"instruction": f"Write word list {i}.", "output": tokenizer.decode(ids[:seq_len - 40])}
-            file.write(json.dumps(row) + "\n")
+GRID = "edora:1x256,edora:8x512,lora:2x512,lora:8x256,loraxs:4x256,loraxs:4x512"  # six shapes up to 8 × 512
 
 
-@pytest.mark.parametrize("method, batch_size, seq_len", [
-    ("edora", 2, 128), ("loraxs", 1, 512), pytest.param("milora", 2, 256, marks=pytest.mark.slow)])
-def test_plan_is_the_measured_peak_of_a_real_run_within_15_percent(method, batch_size, seq_len, model_cache, tmp_path,
-                                                                   monkeypatch):
-    """SmolLM2-135M on this CPU: a 2-step run and the plan, each in a fresh process; the run
-    prepares its model afresh (its own cache, sharing only the converted model)."""
+def test_plan_is_the_measured_peak_of_real_runs_within_15_percent_up_to_8_by_512(model_cache, tmp_path, monkeypatch):
+    """SmolLM2-135M on this CPU, edora, lora and loraxs on six batch × seq shapes: a 1-step
+    `qsvd finetune` and `qsvd plan`, each in a fresh process (benchmarks/plan_accuracy.py, whose
+    full grid is every method on every shape); each run splits its model."""
     monkeypatch.setenv("QSVD_CACHE", str(model_cache))
-    tokenizer = load_tokenizer(resolve_model("smollm2-135m"))  # converts the GGUF once, outside the measured run
-    full_rows(tokenizer, seq_len, tmp_path / "rows.jsonl")
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / "models").symlink_to(model_cache / "models")
-    # a clean environment: nothing an earlier test or library left in os.environ reaches the measured run
-    env = {key: os.environ[key] for key in ("PATH", "HOME", "TMPDIR", "LANG") if key in os.environ}
-    env["QSVD_CACHE"] = str(cache)
-    sizes = ["--method", method, "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
-    subprocess.run([sys.executable, "-m", "qsvd", "finetune", *sizes, "--data", str(tmp_path / "rows.jsonl"),
-                    "--max-steps", "2", "--output", str(tmp_path / "run")], env=env, check=True, capture_output=True)
-    measured = json.loads((tmp_path / "run" / "qsvd_config.json").read_text())["peak_memory_mb"]
-    plan = subprocess.run([sys.executable, "-m", "qsvd", "plan", *sizes], env=env, check=True, capture_output=True,
-                          text=True)
-    planned = float(re.search(r"peak\s+([\d,]+) MiB", plan.stderr).group(1).replace(",", ""))
-    assert abs(planned - measured) / measured < 0.15, (planned, measured, plan.stderr)
+    result = subprocess.run([sys.executable, BENCHMARKS / "plan_accuracy.py", "--points", GRID, "--steps", "1",
+                             "--workdir", tmp_path], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [f"{point['method']}:{point['shape']}" for point in figures["points"]] == GRID.split(",")
+    assert figures["plan_error_max"] < 0.15, result.stdout

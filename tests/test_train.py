@@ -113,22 +113,20 @@ def test_the_compute_dtype_and_loss_scaling_follow_the_gpu_unless_asked(capabili
     assert compute_dtype(torch.device("cpu"), make_spec("edora", 16, dtype="auto")) == torch.float32
 
 
-@pytest.mark.parametrize("threshold, trims", [(0, 2), (None, 0)])
-def test_large_blocks_hand_their_freed_memory_back_after_each_forward(threshold, trims, tmp_path, monkeypatch):
-    """One step on a CPU: each of the 2 blocks trims after its forward when it is large enough (here:
-    any block), none when small; the hooks are gone after training."""
+def test_every_block_and_the_head_hand_their_freed_memory_back_after_forward_and_before_backward(tmp_path, monkeypatch):
+    """One step on a CPU: each of the 2 blocks and the head (one chunk of logits) trims after its
+    forward and again when its output's gradient arrives, before its own backward; the hooks are
+    gone after training."""
     from qsvd import train as train_module
 
-    if threshold is not None:
-        monkeypatch.setattr(train_module, "TRIMMED_BLOCK_WEIGHTS", threshold)
     calls = []
     monkeypatch.setattr(train_module, "return_freed_memory", lambda collect=False: calls.append(collect))
     tokenizer = char_tokenizer()
     config = FinetuneConfig.resolve(method="lora", batch_size=2, max_steps=1, seq_len=512, optim="adamw_torch")
     model = qsvd.prepare(tiny_model(), "lora", bits=16, rank=4, device="cpu", progress=False)
     train(model, tokenizer, build_dataset(None, tokenizer, config.seq_len, config.seed), config, tmp_path)
-    assert calls.count(False) == trims  # beside the one full pass (collect=True) before training
-    assert not any(block._forward_hooks for block in model.model.layers)
+    assert calls.count(False) == 2 * 3  # beside the one full pass (collect=True) before training
+    assert not any(module._forward_hooks for module in [*model.model.layers, model.lm_head])
 
 
 def test_lorasb_init_lr_is_full_fine_tunings_first_step():

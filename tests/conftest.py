@@ -1,6 +1,10 @@
 """Tiny random Llama models and a character tokenizer, built here: no hub, no downloads."""
 
+import json
 import string
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +12,14 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def last_json_line(args, tmp_path):
+    """Run a benchmark script with `--workdir tmp_path`; the JSON object it prints last."""
+    result = subprocess.run([sys.executable, *map(str, args), "--workdir", tmp_path], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def pytest_addoption(parser):

@@ -3,21 +3,13 @@
 import importlib
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+from conftest import BENCHMARKS, last_json_line
+
 SHARED_DATA = BENCHMARKS.parent.parent / "shared" / "data"
-
-
-def last_json_line(args, tmp_path):
-    result = subprocess.run([sys.executable, *map(str, args), "--workdir", tmp_path], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow

@@ -1,11 +1,7 @@
 """`qsvd plan`: its parts equal what a prepared model really holds, its total is the measured peak
 of real runs within 15%; it needs no weights; it advises."""
 
-import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -15,9 +11,7 @@ from qsvd.cli import cli
 from qsvd.plan import Setup, budget
 from qsvd.split import adapter_layers, prepare
 
-from conftest import tiny_model
-
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+from conftest import BENCHMARKS, last_json_line, tiny_model
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "pissa", "milora", "loraxs", "edora"])
@@ -89,9 +83,6 @@ def test_plan_is_the_measured_peak_of_real_runs_within_15_percent_up_to_8_by_512
     `qsvd finetune` and `qsvd plan`, each in a fresh process (benchmarks/plan_accuracy.py, whose
     full grid is every method on every shape); each run splits its model."""
     monkeypatch.setenv("QSVD_CACHE", str(model_cache))
-    result = subprocess.run([sys.executable, BENCHMARKS / "plan_accuracy.py", "--points", GRID, "--steps", "1",
-                             "--workdir", tmp_path], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = last_json_line([BENCHMARKS / "plan_accuracy.py", "--points", GRID, "--steps", "1"], tmp_path)
     assert [f"{point['method']}:{point['shape']}" for point in figures["points"]] == GRID.split(",")
-    assert figures["plan_error_max"] < 0.15, result.stdout
+    assert figures["plan_error_max"] < 0.15, figures["points"]

@@ -103,7 +103,7 @@ def falling(losses: list[float]) -> bool:
 
 def methods_part(work: Path, smoke: bool) -> dict:
     from qsvd.methods import METHODS
-    from qsvd.split import compute_dtype, default_device
+    from qsvd.devices import compute_dtype, default_device
 
     result = {"dtype": str(compute_dtype(default_device())).removeprefix("torch.")}
     for method in METHODS:

@@ -126,7 +126,7 @@ def measure(path: Path, who: str, cache: Path, args) -> dict:
 
 def evict(paths: list[Path]) -> None:
     """Drop the files from the page cache, so that the next read comes from the disk."""
-    from qsvd.load import prefetch
+    from qsvd.files import prefetch
 
     prefetch(paths, os.POSIX_FADV_DONTNEED)
 

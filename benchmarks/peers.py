@@ -31,7 +31,7 @@ def peer_model(model_path: str, rank: int, use_dora: bool = False):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qsvd.split import compute_dtype, default_device
+    from qsvd.devices import compute_dtype, default_device
 
     device = default_device()
     dtype = compute_dtype(device)

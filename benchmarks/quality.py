@@ -114,11 +114,11 @@ def run_child(args) -> dict:
     from transformers import Trainer, TrainerCallback, set_seed
 
     from qsvd.config import FinetuneConfig
-    from qsvd.data import tokenize_rows, training_rows
-    from qsvd.evaluate import evaluate_model, read_eval_rows
-    from qsvd.finetune import init_lorasb, model_files
+    from qsvd.data import read_eval_rows, tokenize_rows, training_rows
+    from qsvd.evaluate import evaluate_model
+    from qsvd.finetune import init_from_gradients, model_files
     from qsvd.methods import METHODS as REGISTRY
-    from qsvd.prepared import obtain
+    from qsvd.prepared import load_or_split
     from qsvd.split import quantized_model
     from qsvd.train import train
 
@@ -157,9 +157,9 @@ def run_child(args) -> dict:
         if args.child == PEER:
             model = peer_model(args.model, RANK)
         else:
-            model, _ = obtain(files, config.spec(), config.targets, config.seed)
+            model, _ = load_or_split(files, config.spec(), config.targets, config.seed)
             if REGISTRY[method].needs_gradient_init:
-                init_lorasb(model, dataset, tokenizer, config)
+                init_from_gradients(model, dataset, tokenizer, config)
         if args.final:
             score_dev(model, tokenizer, 0)
         evals_before = figures["eval_s"]

@@ -4,14 +4,12 @@ A run in progress keeps its resolved config and its checkpoints in a work dir be
 (`.<name>.partial`); the finished run replaces it.
 
 Trainer writes each checkpoint (adapter tensors, optimizer, scheduler, RNG states, trainer state)
-into a staging directory. `SealCheckpoints` then writes manifest.json (sha256 and size of every
-file) into it and renames it into `checkpoints/`. A checkpoint there whose manifest is missing or
+into a staging directory. `SealCheckpoints` then seals it (`files.write_manifest`: the sha256 of
+every file) and renames it into `checkpoints/`. A checkpoint there whose manifest is missing or
 does not match its files is never resumed from.
 """
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from accelerate import PartialState
@@ -20,10 +18,9 @@ from transformers import TrainerCallback
 from .config import FinetuneConfig
 from .console import console
 from .errors import QSVDError
-from .load import file_sha256
-from .run import check_output, is_run
+from .files import move_into_place, publish, read_manifest, remove, seal_problem, write_manifest
+from .run_dir import check_output, is_run
 
-MANIFEST = "manifest.json"
 KEEP = 2  # sealed checkpoints kept: the newest and the one before it
 CHECKPOINTS = "checkpoints"  # in the work dir
 RUN_CONFIG = "config.json"  # in the work dir: the resolved config, which a resume must match
@@ -33,23 +30,10 @@ RESUME_MAY_CHANGE = ("resume", "overwrite", "eval_data", "eval_task", "eval_spli
 RESUME_MAY_GROW = ("max_steps", "epochs")
 
 
-def seal(checkpoint: Path) -> None:
-    """Write the manifest of every file in `checkpoint`, to a temp name and then renamed."""
-    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
-    manifest = {str(p.relative_to(checkpoint)): {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in files}
-    tmp = checkpoint / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, checkpoint / MANIFEST)
-
-
 def is_intact(checkpoint: Path) -> bool:
     """Whether the checkpoint has a manifest and every file matches it."""
-    try:
-        manifest = json.loads((checkpoint / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    return all((checkpoint / name).is_file() and (checkpoint / name).stat().st_size == entry["bytes"]
-               and file_sha256(checkpoint / name) == entry["sha256"] for name, entry in manifest.items())
+    manifest = read_manifest(checkpoint)
+    return manifest is not None and seal_problem(checkpoint, manifest["sha256"]) is None
 
 
 def step_of(checkpoint: Path) -> int:
@@ -80,14 +64,11 @@ class SealCheckpoints(TrainerCallback):
         if not state.is_world_process_zero:
             return
         staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        seal(staged)
+        write_manifest(staged)
         self.directory.mkdir(parents=True, exist_ok=True)
-        target = self.directory / staged.name
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staged, target)
+        move_into_place(staged, self.directory / staged.name)
         for old in sealed_checkpoints(self.directory)[:-KEEP]:
-            shutil.rmtree(old)
+            remove(old)
 
 
 def work_dir(output: Path) -> Path:
@@ -146,9 +127,9 @@ def start_work_dir(config: FinetuneConfig, output: Path) -> Path:
     """The run's work dir, with its config recorded; a fresh run first clears an old one."""
     work = work_dir(output)
     if not config.resume:
-        shutil.rmtree(work, ignore_errors=True)  # an interrupted run that --overwrite replaces
-    for leftover in ("trainer", "stage"):  # what a killed run was writing
-        shutil.rmtree(work / leftover, ignore_errors=True)
+        remove(work)  # an interrupted run that --overwrite replaces
+    remove(work / "trainer")  # what a killed run was writing
     work.mkdir(parents=True, exist_ok=True)
-    (work / RUN_CONFIG).write_text(json.dumps(config.resolved(), indent=2) + "\n")
+    text = json.dumps(config.resolved(), indent=2) + "\n"
+    publish(work / RUN_CONFIG, lambda tmp: tmp.write_text(text), directory=False)
     return work

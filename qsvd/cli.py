@@ -1,5 +1,6 @@
 """The `qsvd` command line. Every user error is one line on stderr and exit code 2."""
 
+import inspect
 import signal
 import sys
 from contextlib import contextmanager
@@ -7,26 +8,34 @@ from contextlib import contextmanager
 import click
 import yaml
 
-from .config import FinetuneConfig
+from .config import TASK_TYPES, FinetuneConfig
+from .data import EVAL_TASKS
+from .devices import COMPUTE_DTYPES, DTYPES
+from .distributed import launched, relaunch, without_option
 from .errors import Interrupted, QSVDError, first_line, is_disk_full, raise_interrupted
-from .evaluate import TASKS
 from .evaluate import evaluate as run_evaluate
-from .export import BASES, FORMATS, SHARD_SIZE
-from .export_gguf import GGUF_TYPES
+from .export import BASES, FORMATS
 from .export import export as run_export
+from .export_gguf import GGUF_TYPES
+from .files import one_writer
 from .finetune import check_inputs
 from .finetune import finetune as run_finetune
 from .finetune import init as run_init
-from .launch import launched, relaunch, without_option
-from .load import one_writer
-from .methods import METHODS
-from .plan import GPUS_MIB
+from .load import ALIASES
+from .methods import METHODS, methods_that
+from .plan import GPUS
 from .plan import plan as run_plan
-from .split import COMPUTE_DTYPES, DTYPES
 
 
-MODEL_HELP = ("A hub id ORG/NAME, an alias (smollm2-135m, the default; llama-7b, llama2-7b, llama3-8b, mistral-7b, "
-              "qwen2.5-7b), a local HF directory with safetensors, or a .gguf file.")
+def defaults_of(function) -> dict:
+    """A function's keyword defaults: those of `qsvd eval` and `qsvd export` are their API's."""
+    return {name: p.default for name, p in inspect.signature(function).parameters.items() if p.default is not p.empty}
+
+
+DEFAULT = FinetuneConfig()  # `finetune`, `init` and `plan`: every default the help names is this one's
+EVAL_DEFAULT, EXPORT_DEFAULT = defaults_of(run_evaluate), defaults_of(run_export)
+MODEL_HELP = (f"A hub id ORG/NAME, an alias ({', '.join(ALIASES)}; default {DEFAULT.model}), a local HF directory "
+              f"with safetensors, or a .gguf file.")
 REVISION_HELP = "A hub model's branch, tag or commit (default: main)."
 
 
@@ -44,17 +53,17 @@ def split_options(command):
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options; flags override it."),
         click.option("--model", help=MODEL_HELP),
         click.option("--revision", help=REVISION_HELP),
-        click.option("--method", type=click.Choice(list(METHODS)), help="Adapter method (default edora)."),
-        click.option("--bits", type=int, help="Frozen storage: 4 (NF4, default), 8 (int8) or 16 (compute dtype)."),
-        click.option("--rank", type=int, help="Adapter rank r (default 16)."),
+        click.option("--method", type=click.Choice(list(METHODS)), help=f"Adapter method (default {DEFAULT.method})."),
+        click.option("--bits", type=int, help=f"Frozen storage: 4 (NF4), 8 (int8) or 16 (compute dtype) (default {DEFAULT.bits})."),
+        click.option("--rank", type=int, help=f"Adapter rank r (default {DEFAULT.rank})."),
         click.option("--alpha", type=float, help="Adapter alpha; s = alpha / r (default: alpha = r)."),
         click.option("--targets", help="Comma-separated layer names, e.g. q_proj,v_proj (default: all linear layers of the decoder blocks)."),
-        click.option("--refine-iters", type=int, help="pissa: quantization-aware refinement iterations (default 0)."),
-        click.option("--svd-niter", type=int, help="Top-r SVD (pissa, loraxs, edora, lorasb): randomized, with this many power iterations (default: exact)."),
+        click.option("--refine-iters", type=int, help=f"{methods_that('refines')}: quantization-aware refinement iterations (default {DEFAULT.refine_iters})."),
+        click.option("--svd-niter", type=int, help=f"Top-r SVD ({methods_that('uses_top_svd')}): randomized, with this many power iterations (default: exact)."),
         click.option("--dtype", type=click.Choice(COMPUTE_DTYPES),
-                     help="Compute dtype (default auto: fp32 on a CPU; on a GPU bf16 from compute capability 8.0, "
+                     help=f"Compute dtype (default {DEFAULT.dtype}: fp32 on a CPU; on a GPU bf16 from compute capability 8.0, "
                           "else fp16 with loss scaling)."),
-        click.option("--seed", type=int, help="Random seed (default 42)."),
+        click.option("--seed", type=int, help=f"Random seed (default {DEFAULT.seed})."),
         click.option("--trust-remote-code", is_flag=True, default=None, help="Run the model repository's own Python code (off unless given)."),
     ]
     for option in reversed(options):
@@ -74,22 +83,22 @@ def split_options(command):
 @click.option("--max-rows", type=int, help="Train on the first N rows only.")
 @click.option("--truncate", is_flag=True, default=None, help="Cut the response of a row longer than --seq-len instead of skipping the row.")
 @click.option("--max-steps", type=int, help="Optimizer steps (instead of --epochs).")
-@click.option("--epochs", type=float, help="Epochs over the data (default 1).")
+@click.option("--epochs", type=float, help="Epochs over the data (default 1 when --max-steps is not given).")
 @click.option("--lr", type=float, help="Learning rate (default: the method's own).")
-@click.option("--batch-size", type=int, help="Rows per device batch (default 4).")
-@click.option("--grad-accum", type=int, help="Gradient accumulation steps (default 1).")
-@click.option("--seq-len", type=int, help="Longest row in tokens; longer rows are skipped and counted, or cut with --truncate (default 256).")
-@click.option("--task-type", type=click.Choice(["math", "commonsense"]), help="lorasb: sets the default --grad-samples, 50 or 170 as in the paper (default math).")
+@click.option("--batch-size", type=int, help=f"Rows per device batch (default {DEFAULT.batch_size}).")
+@click.option("--grad-accum", type=int, help=f"Gradient accumulation steps (default {DEFAULT.grad_accum}).")
+@click.option("--seq-len", type=int, help=f"Longest row in tokens; longer rows are skipped and counted, or cut with --truncate (default {DEFAULT.seq_len}).")
+@click.option("--task-type", type=click.Choice(TASK_TYPES), help=f"lorasb: sets the default --grad-samples, 50 or 170 as in the paper (default {DEFAULT.task_type}).")
 @click.option("--grad-samples", type=int, help="lorasb: training rows for the gradient estimate (default: by --task-type).")
 @click.option("--grad-mem-budget", help="lorasb: memory for the gradients of one group of layers, e.g. 2GB; the estimate runs once per group (default: half the free memory).")
 @click.option("--grad-sketch", is_flag=True, default=None, help="lorasb: one pass over all layers with a rank-(2r+1) sketch of each gradient instead of groups (approximate, little memory).")
 @click.option("--init-lr", type=float, help="lorasb: η of the init step −η·sign(G) (default: --lr over full fine-tuning's warm-up steps, counted over the whole data at --batch-size, as the official code does).")
 @click.option("--eval-data", multiple=True, help="Evaluate the trained model on this file at the end (repeatable); see `qsvd eval`.")
-@click.option("--eval-task", type=click.Choice(TASKS), help="Task for --eval-data (default: chosen by the data, as `qsvd eval` does).")
+@click.option("--eval-task", type=click.Choice(EVAL_TASKS), help="Task for --eval-data (default: chosen by the data, as `qsvd eval` does).")
 @click.option("--eval-split", help="The split of a hub dataset (or saved DatasetDict) in --eval-data (default test).")
 @click.option("--report-to", help="Log to tensorboard, wandb, trackio or mlflow (comma-separated), through Trainer's "
                                   "own integrations; tensorboard logs go to the run's logs/ (default none).")
-@click.option("--save-steps", type=int, help="Save a checkpoint every N steps, beside --output until the run finishes (default 50).")
+@click.option("--save-steps", type=int, help=f"Save a checkpoint every N steps, beside --output until the run finishes (default {DEFAULT.save_steps}).")
 @click.option("--resume", is_flag=True, default=None, help="Continue the interrupted run in --output from its newest complete checkpoint.")
 @click.option("--output", help="Run directory (default runs/<method>).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run (finished or interrupted) in --output.")
@@ -125,11 +134,11 @@ def init(ctx: click.Context, config_file, **flags) -> None:
 @cli.command("eval")
 @click.argument("target", metavar="RUN_DIR_OR_MODEL")
 @click.option("--data", required=True, help="Rows in any form finetune's --data takes, or plain text for ppl: a 'text' field or a .txt file.")
-@click.option("--task", type=click.Choice(TASKS), help="gen: greedy generation, answer extracted; choice: the most likely answer option; nll: the reference answer's mean NLL per token, with a bootstrap 95% interval; ppl: perplexity (default: chosen by the data).")
+@click.option("--task", type=click.Choice(EVAL_TASKS), help="gen: greedy generation, answer extracted; choice: the most likely answer option; nll: the reference answer's mean NLL per token, with a bootstrap 95% interval; ppl: perplexity (default: chosen by the data).")
 @click.option("--bits", type=int, help="A plain model's storage: 4, 8 or 16 (default 16); a run keeps its own.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per batch.")
-@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="gen: longest answer.")
-@click.option("--seq-len", type=int, default=512, show_default=True, help="ppl: tokens per window.")
+@click.option("--batch-size", type=int, default=EVAL_DEFAULT["batch_size"], show_default=True, help="Rows per batch.")
+@click.option("--max-new-tokens", type=int, default=EVAL_DEFAULT["max_new_tokens"], show_default=True, help="gen: longest answer.")
+@click.option("--seq-len", type=int, default=EVAL_DEFAULT["seq_len"], show_default=True, help="ppl: tokens per window.")
 @click.option("--max-examples", type=int, help="Score only the first N rows.")
 @click.option("--revision", help=REVISION_HELP + " For a plain model.")
 @click.option("--data-config", help="A hub dataset's configuration.")
@@ -144,17 +153,17 @@ def eval_(ctx: click.Context, target, **options) -> None:
 
 @cli.command("export")
 @click.argument("run_dir")
-@click.option("--format", "format_", type=click.Choice(FORMATS), default="peft", show_default=True,
+@click.option("--format", "format_", type=click.Choice(FORMATS), default=EXPORT_DEFAULT["format"], show_default=True,
               help="peft: a LoRA/DoRA adapter for PeftModel on the original base; merged: a full HF checkpoint; "
                    "gguf: the merged model as one GGUF file for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile.")
 @click.option("--output", help="Export directory (default: RUN_DIR-peft or RUN_DIR-merged beside the run); "
                                "gguf: the file (default: RUN_DIR-<gguf type>.gguf).")
-@click.option("--base", type=click.Choice(BASES), default="original", show_default=True,
+@click.option("--base", type=click.Choice(BASES), default=EXPORT_DEFAULT["base"], show_default=True,
               help="merged, gguf: merge into the original weights, or into deq(Q(W)), the weights the adapter was trained against.")
-@click.option("--gguf-type", type=click.Choice(list(GGUF_TYPES)), default="f16", show_default=True,
+@click.option("--gguf-type", type=click.Choice(list(GGUF_TYPES)), default=EXPORT_DEFAULT["gguf_type"], show_default=True,
               help="gguf: weight type (q8_0: 8-bit blocks of 32, about half the size of f16).")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="bf16", show_default=True, help="merged: weight dtype.")
-@click.option("--shard-size", default=SHARD_SIZE, show_default=True, help="merged: largest safetensors shard; peak memory is about twice this plus one layer, whatever the model size.")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=EXPORT_DEFAULT["dtype"], show_default=True, help="merged: weight dtype.")
+@click.option("--shard-size", default=EXPORT_DEFAULT["shard_size"], show_default=True, help="merged: largest safetensors shard; peak memory is about twice this plus one layer, whatever the model size.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export in --output.")
 @click.pass_context
 def export(ctx: click.Context, run_dir, format_, **options) -> None:
@@ -164,18 +173,18 @@ def export(ctx: click.Context, run_dir, format_, **options) -> None:
 
 
 @cli.command()
-@click.option("--model", default="smollm2-135m", show_default=True, help=MODEL_HELP + " Only its config is read.")
+@click.option("--model", default=DEFAULT.model, help=MODEL_HELP + " Only its config is read.")
 @click.option("--revision", help=REVISION_HELP)
-@click.option("--method", type=click.Choice(list(METHODS)), default="edora", show_default=True)
-@click.option("--bits", type=int, default=4, show_default=True)
-@click.option("--rank", type=int, default=16, show_default=True)
-@click.option("--seq-len", type=int, default=256, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT.method, show_default=True)
+@click.option("--bits", type=int, default=DEFAULT.bits, show_default=True)
+@click.option("--rank", type=int, default=DEFAULT.rank, show_default=True)
+@click.option("--seq-len", type=int, default=DEFAULT.seq_len, show_default=True)
+@click.option("--batch-size", type=int, default=DEFAULT.batch_size, show_default=True)
 @click.option("--targets", help="Comma-separated layer names (default: every linear layer of the decoder blocks).")
-@click.option("--no-gradient-checkpointing", "gradient_checkpointing", flag_value=False, default=True,
+@click.option("--no-gradient-checkpointing", "gradient_checkpointing", flag_value=False, default=DEFAULT.gradient_checkpointing,
               help="Plan without gradient checkpointing.")
-@click.option("--gpu", type=click.Choice(list(GPUS_MIB)), help="Plan for this GPU (default: this machine's CPU and RAM).")
-@click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default="auto", show_default=True,
+@click.option("--gpu", type=click.Choice(list(GPUS)), help="Plan for this GPU (default: this machine's CPU and RAM).")
+@click.option("--dtype", type=click.Choice(COMPUTE_DTYPES), default=DEFAULT.dtype, show_default=True,
               help="Compute dtype, as finetune's --dtype.")
 @click.option("--num-processes", "processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Data-parallel processes, as finetune's --num-processes.")

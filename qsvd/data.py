@@ -33,6 +33,8 @@ HUB_DATASET = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w-]*(\.[\w-]+)*")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bing": "assistant", "chatgpt": "assistant"}
 SPLIT_FLAGS = {"--data": "--data-split", "--eval-data": "--eval-split"}  # the flag that picks each one's split
+EVAL_TASKS = ("gen", "choice", "nll", "ppl")  # `qsvd eval --task`; see evaluate.py
+ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+)", re.IGNORECASE)
 SKIPPED_EMPTY = "with an empty response"
 SKIPPED_LONG = "longer than --seq-len"
 
@@ -317,3 +319,50 @@ def first_batches(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
     collate = collator(tokenizer)
     return [collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
             for start in range(0, len(rows), batch_size)]
+
+
+# -- evaluation data ------------------------------------------------------------------------
+
+def row_options(row: dict) -> list[str] | None:
+    """The answer options of a row: an `options` field, or the 'Answer format: a/b/c' line."""
+    if row.get("options"):
+        return [str(option).lower() for option in row["options"]]
+    match = ANSWER_FORMAT.search(row.get("instruction") or row.get("question") or "")
+    return [option.strip().lower() for option in match[1].split("/")] if match else None
+
+
+def read_eval_rows(path: str | Path, flag: str = "--data", config: str | None = None,
+                   split: str | None = None) -> datasets.Dataset:
+    """Records in any form `--data` takes (a hub dataset's or saved DatasetDict's `split`), or a
+    .txt file read as one text."""
+    path = Path(path)
+    if path.suffix == ".txt" and path.is_file():
+        return datasets.Dataset.from_list([{"text": path.read_text()}])
+    return read_rows(path, flag, config, split, default_split="test")
+
+
+def pick_task(rows: datasets.Dataset, task: str | None, source: str) -> str:
+    """The task asked for, or one that fits the rows: text → ppl; rows with answer options →
+    choice; any other row with a reference answer → gen."""
+    if task is not None and task not in EVAL_TASKS:
+        raise QSVDError(f"--task must be one of {', '.join(EVAL_TASKS)}, got {task!r}")
+    if "text" in rows.column_names:
+        if task not in (None, "ppl"):
+            raise QSVDError(f"{source} holds plain text: it takes --task ppl, not {task}")
+        return "ppl"
+    if task == "ppl":
+        raise QSVDError(f"--task ppl needs a 'text' field or a .txt file; {source} has fields "
+                        f"{', '.join(rows.column_names)}")
+    detect_shape(rows.column_names, source)
+    if task is None:
+        return "choice" if row_options(rows[0]) else "gen"
+    return task
+
+
+def eval_sets(paths: list[str], task: str | None, split: str | None = None) -> list[tuple[Path, datasets.Dataset, str]]:
+    """`finetune --eval-data`: each source's rows and task, checked before training starts."""
+    sets = []
+    for path in paths:
+        rows = read_eval_rows(path, "--eval-data", split=split)
+        sets.append((Path(path), rows, pick_task(rows, task, f"--eval-data {path}")))
+    return sets

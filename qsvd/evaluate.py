@@ -17,7 +17,6 @@ over rows, and every example's prediction is written to a JSONL file.
 
 import json
 import math
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,17 +28,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import check_positive
 from .console import console
-from .data import (IGNORE_INDEX, Shape, collator, detect_shape, malformed_row, prompt_and_completion, read_rows,
-                   to_chat, tokenize, tokenize_prompt)
+from .data import (IGNORE_INDEX, Shape, collator, detect_shape, malformed_row, pick_task, prompt_and_completion,
+                   read_eval_rows, row_options, to_chat, tokenize, tokenize_prompt)
 from .errors import QSVDError
+from .files import publish
 from .load import load_tokenizer, resolve_model
 from .loss import row_log_likelihoods
-from .run import is_run, load_run
+from .run_dir import is_run, load_run
 from .split import quantized_model
 
-TASKS = ("gen", "choice", "nll", "ppl")
 BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 2000, 0
-ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+)", re.IGNORECASE)
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -115,14 +113,6 @@ def extract_option(text: str, options: list[str]) -> str | None:
     pattern = r"\b(" + "|".join(re.escape(option) for option in options) + r")\b"
     match = re.search(pattern, text, re.IGNORECASE)
     return match[1].lower() if match else None
-
-
-def row_options(row: dict) -> list[str] | None:
-    """The answer options of a row: an `options` field, or the 'Answer format: a/b/c' line."""
-    if row.get("options"):
-        return [str(option).lower() for option in row["options"]]
-    match = ANSWER_FORMAT.search(row.get("instruction") or row.get("question") or "")
-    return [option.strip().lower() for option in match[1].split("/")] if match else None
 
 
 def reference_answer(row: dict, shape: Shape) -> str:
@@ -261,6 +251,21 @@ def choose_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, e
             for example, score in zip(examples, scores)]
 
 
+def token_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, list[int]]],
+                          batch_size: int, description: str) -> list[dict]:
+    """Each row's NLL Σ −log p over its supervised tokens (labels not IGNORE_INDEX) and their count,
+    the rows batched by length."""
+    collate = collator(tokenizer)
+    results = [None] * len(rows)
+    for batch in track(by_length(rows, lambda row: len(row["input_ids"]), batch_size), description=description,
+                       console=console):
+        inputs = collate([rows[i] for i in batch])
+        sums, counts = row_log_likelihoods(model, {key: value.to(model.device) for key, value in inputs.items()})
+        for i, total, count in zip(batch, sums.tolist(), counts.tolist()):
+            results[i] = {"tokens": count, "nll": round(-total, 6)}
+    return results
+
+
 @torch.inference_mode()
 def text_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str],
                          seq_len: int, batch_size: int) -> list[dict]:
@@ -273,14 +278,8 @@ def text_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     windows = [window for window in windows if len(window) > 1]
     if not windows:
         raise QSVDError("the text for --task ppl has fewer than 2 tokens")
-    collate = collator(tokenizer)
-    results = [None] * len(windows)
-    for batch in track(by_length(windows, len, batch_size), description="perplexity", console=console):
-        inputs = collate([{"input_ids": windows[i], "labels": windows[i]} for i in batch])
-        sums, counts = row_log_likelihoods(model, {key: value.to(model.device) for key, value in inputs.items()})
-        for i, total, count in zip(batch, sums.tolist(), counts.tolist()):
-            results[i] = {"tokens": count, "nll": round(-total, 6)}
-    return results
+    rows = [{"input_ids": window, "labels": window} for window in windows]
+    return token_log_likelihoods(model, tokenizer, rows, batch_size, "perplexity")
 
 
 @torch.inference_mode()
@@ -289,55 +288,11 @@ def answer_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     """Each example's reference answer: its NLL Σ −log p over the answer tokens (the prompt masked,
     as in training) and their count."""
     rows = [tokenize(example.messages, tokenizer) for example in examples]
-    collate = collator(tokenizer)
-    results = [None] * len(rows)
-    for batch in track(by_length(rows, lambda row: len(row["input_ids"]), batch_size), description="answer NLL",
-                       console=console):
-        inputs = collate([rows[i] for i in batch])
-        sums, counts = row_log_likelihoods(model, {key: value.to(model.device) for key, value in inputs.items()})
-        for i, total, count in zip(batch, sums.tolist(), counts.tolist()):
-            results[i] = {"gold": examples[i].gold, "tokens": count, "nll": round(-total, 6)}
-    return results
+    results = token_log_likelihoods(model, tokenizer, rows, batch_size, "answer NLL")
+    return [{"gold": example.gold, **result} for example, result in zip(examples, results)]
 
 
 # -- running an evaluation -------------------------------------------------------------------
-
-def read_eval_rows(path: str | Path, flag: str = "--data", config: str | None = None,
-                   split: str | None = None) -> datasets.Dataset:
-    """Records in any form `--data` takes (a hub dataset's or saved DatasetDict's `split`), or a
-    .txt file read as one text."""
-    path = Path(path)
-    if path.suffix == ".txt" and path.is_file():
-        return datasets.Dataset.from_list([{"text": path.read_text()}])
-    return read_rows(path, flag, config, split, default_split="test")
-
-
-def pick_task(rows: datasets.Dataset, task: str | None, source: str) -> str:
-    """The task asked for, or one that fits the rows: text → ppl; rows with answer options →
-    choice; any other row with a reference answer → gen."""
-    if task is not None and task not in TASKS:
-        raise QSVDError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    if "text" in rows.column_names:
-        if task not in (None, "ppl"):
-            raise QSVDError(f"{source} holds plain text: it takes --task ppl, not {task}")
-        return "ppl"
-    if task == "ppl":
-        raise QSVDError(f"--task ppl needs a 'text' field or a .txt file; {source} has fields "
-                        f"{', '.join(rows.column_names)}")
-    detect_shape(rows.column_names, source)
-    if task is None:
-        return "choice" if row_options(rows[0]) else "gen"
-    return task
-
-
-def eval_sets(paths: list[str], task: str | None, split: str | None = None) -> list[tuple[Path, datasets.Dataset, str]]:
-    """`finetune --eval-data`: each source's rows and task, checked before training starts."""
-    sets = []
-    for path in paths:
-        rows = read_eval_rows(path, "--eval-data", split=split)
-        sets.append((Path(path), rows, pick_task(rows, task, f"--eval-data {path}")))
-    return sets
-
 
 def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: datasets.Dataset,
                    task: str, predictions: str | Path, batch_size: int = 8, max_new_tokens: int = 256,
@@ -380,11 +335,9 @@ def same_answer(prediction: str, gold: str) -> bool:
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    """Write to a temporary name beside `path`, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
-    os.replace(tmp, path)
+    """One JSON line a record, published whole (`files.publish`)."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    publish(path, lambda tmp: tmp.write_text(text), directory=False)
 
 
 def evaluate(target: str | Path, data: str | Path, task: str | None = None, predictions: str | Path | None = None,

@@ -24,17 +24,20 @@ from peft import LoraConfig
 from rich.progress import track
 from safetensors.torch import save_file
 
-from . import __version__, quantize
+from . import quantize
 from .config import parse_size
 from .console import console
 from .errors import QSVDError
 from .export_gguf import ARCHITECTURES, GGUF_TYPES, gguf_architecture, modelfile, read_vocabulary, write_gguf
-from .load import (ModelFiles, atomic_dir, atomic_file, check_writable, empty_model, one_writer, open_weights,
-                   read_config, read_tokenizer)
+from .files import check_writable, one_writer, publish
+from .load import ModelFiles, empty_model, read_config, read_tokenizer
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
-from .run import Run, check_output, read_run
-from .split import DTYPES, find_targets
+from .run_dir import Run, check_output, read_run
+from .devices import DTYPES
+from .split import find_targets, trained_targets
+from .version import __version__
+from .weights import open_weights
 
 FORMATS = ("peft", "merged", "gguf")
 BASES = ("original", "dequantized")
@@ -61,11 +64,9 @@ class LoraUpdate:
 def lora_updates(run: Run, model: torch.nn.Module) -> dict[str, LoraUpdate]:
     """Every target's update, checked against the shapes of the model's layers."""
     layer_cls = METHODS[run.spec.method]
-    linears = find_targets(model)
+    linears = trained_targets(model, run.targets)
     updates = {}
-    for name in run.targets:
-        if name not in linears:
-            raise QSVDError(f"the base model has no layer {name}: is it the model {run.path} was trained on?")
+    for name in linears:
         tensors = run.layer_tensors(name)
         try:
             B, A = (t.float() for t in layer_cls.lora_update(tensors, run.spec))
@@ -307,11 +308,11 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
         if format == "gguf":  # the file, then an Ollama Modelfile beside it, each in one rename
             read_merged = merged_reader(run, files, model, updates, base)
             name = f"{run.spec.method} fine-tune of {run.model}"
-            atomic_file(output, lambda tmp: write_gguf(tmp, model, architecture, vocabulary, files,
-                                                       checkpoint_names(model), read_merged, gguf_type, name))
+            publish(output, lambda tmp: write_gguf(tmp, model, architecture, vocabulary, files,
+                                                   checkpoint_names(model), read_merged, gguf_type, name), directory=False)
             text = modelfile(output, tokenizer.chat_template, tokenizer.eos_token)
-            atomic_file(output.with_suffix(".Modelfile"), lambda tmp: tmp.write_text(text))
+            publish(output.with_suffix(".Modelfile"), lambda tmp: tmp.write_text(text), directory=False)
         else:
-            atomic_dir(output, write)
+            publish(output, write)
     console.print(f"exported {run.path} ({run.spec.method}) as {format} to {output}")
     return output

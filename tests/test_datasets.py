@@ -201,7 +201,7 @@ def test_a_broken_data_file_is_one_line(name, tmp_path):
 
 def test_eval_data_takes_the_same_forms(tiny_model_dir, tmp_path, offline_datasets_cache):
     import qsvd
-    from qsvd.evaluate import eval_sets
+    from qsvd.data import eval_sets
 
     forms = write_forms(QA, tmp_path)
     for data, split, examples in [("tiny-org/tiny-qa", "train", len(QA)), (forms["saved splits"], None, 1),

@@ -12,9 +12,12 @@ from transformers import AutoModelForCausalLM
 
 import qsvd
 from qsvd import checkpoints
-from qsvd.evaluate import evaluate_model, read_eval_rows
+from qsvd.data import read_eval_rows
+from qsvd.evaluate import evaluate_model
 from qsvd.methods import METHODS
-from qsvd.split import DTYPES, adapter_layers, compute_dtype, find_targets, make_spec
+from qsvd.devices import DTYPES, compute_dtype
+from qsvd.methods import make_spec
+from qsvd.split import adapter_layers, find_targets
 from conftest import char_tokenizer, tiny_model
 
 DTYPE_NAMES = ["bf16", "fp16"]

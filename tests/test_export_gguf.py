@@ -22,7 +22,8 @@ from qsvd.cli import cli
 from qsvd.errors import QSVDError
 from qsvd.export import checkpoint_names
 from qsvd.export_gguf import byte_level_pre_tokenizer, gguf_architecture, plan_tensors, read_vocabulary
-from qsvd.load import ModelFiles, host_name
+from qsvd.files import host_name
+from qsvd.load import ModelFiles
 
 CORPUS = ["Ava has 3 apples. Bob gives her 12 more. How many apples does Ava have now? She has 15.",
           "The quick brown fox jumps over the lazy dog, and 2024 dogs watch it: 'I'll be back', they say."] * 8

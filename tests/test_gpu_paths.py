@@ -18,7 +18,9 @@ from qsvd import memory, quantize, svd
 from qsvd.cli import cli
 from qsvd.methods import lorasb
 from qsvd.plan import NCCL_MIB, Setup, budget
-from qsvd.split import adapter_layers, compute_dtype, make_spec
+from qsvd.devices import compute_dtype
+from qsvd.methods import make_spec
+from qsvd.split import adapter_layers
 from qsvd.train import tf32_matmuls
 from conftest import fake_gpus, tiny_model
 
@@ -89,7 +91,7 @@ def test_int8_layers_keep_llm_int8_outliers_and_its_cast_notice_is_quiet(caplog)
     assert layer.state.threshold == quantize.INT8_THRESHOLD == 6.0
     restored = quantize.load_frozen(layer.state_dict(), 8, torch.float32, "cpu")
     assert restored.state.threshold == 6.0
-    logger = logging.getLogger(qsvd.BNB_MATMUL_LOGGER)
+    logger = logging.getLogger(qsvd.notices.BNB_MATMUL_LOGGER)
     with caplog.at_level(logging.WARNING):
         logger.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.bfloat16)
         logger.warning("another notice")

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 from qsvd import loss
 from qsvd.cli import cli
-from qsvd.launch import PROCESS_GROUP_TIMEOUT, without_option
+from qsvd.distributed import PROCESS_GROUP_TIMEOUT, without_option
 from qsvd.load import resolve_model
 from qsvd.methods import METHODS
-from qsvd.prepared import obtain
-from qsvd.split import make_spec
+from qsvd.prepared import load_or_split
+from qsvd.methods import make_spec
 
 from conftest import fake_gpus
 
@@ -131,7 +131,7 @@ def test_a_layer_built_and_a_layer_loaded_list_their_tensors_in_one_order(method
     files = resolve_model(str(tiny_model_dir))
     orders = []
     for _ in range(2):  # built, then loaded
-        model, _ = obtain(files, make_spec(method, 4, None, 4), progress=False)
+        model, _ = load_or_split(files, make_spec(method, 4, None, 4), progress=False)
         orders.append([name for name, _ in chain(model.named_parameters(), model.named_buffers())])
     assert orders[0] == orders[1]
 

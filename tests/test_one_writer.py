@@ -12,7 +12,7 @@ import time
 from click.testing import CliRunner
 
 from qsvd.cli import cli
-from qsvd.load import one_writer
+from qsvd.files import one_writer
 from conftest import tiny_model, tiny_run_args
 from gguf_files import write_gguf
 

@@ -78,8 +78,10 @@ def test_gguf_streaming_reads_the_same_weights_as_transformers(model_cache, tran
     logits of transformers' own whole-file GGUF loader."""
     import torch
 
-    from qsvd.load import empty_model, open_weights, resolve_model
-    from qsvd.split import make_spec, split_model
+    from qsvd.load import empty_model, resolve_model
+    from qsvd.methods import make_spec
+    from qsvd.split import split_model
+    from qsvd.weights import open_weights
 
     monkeypatch.setenv("QSVD_CACHE", str(model_cache))
     files = resolve_model("smollm2-135m")
@@ -104,8 +106,8 @@ def test_lorasb_init_on_the_full_fine_tuning_scale_keeps_general_text(model_cach
     from qsvd.config import FinetuneConfig
     from qsvd.data import tokenize_rows, training_rows
     from qsvd.evaluate import evaluate_model
-    from qsvd.finetune import init_lorasb, model_files
-    from qsvd.prepared import obtain
+    from qsvd.finetune import init_from_gradients, model_files
+    from qsvd.prepared import load_or_split
     from qsvd.train import first_step_lr
 
     if not ARC_EASY.is_file():
@@ -117,10 +119,10 @@ def test_lorasb_init_on_the_full_fine_tuning_scale_keeps_general_text(model_cach
     dataset = tokenize_rows(training_rows(config.data), tokenizer, config.seq_len).rows
     assert len(dataset) == 2251 and first_step_lr(config, len(dataset)) == pytest.approx(2e-3 / (0.03 * 563))
     set_seed(config.seed)
-    model, _ = obtain(files, config.spec(), config.targets, config.seed)
+    model, _ = load_or_split(files, config.spec(), config.targets, config.seed)
     text = datasets.Dataset.from_list([{"text": topics[key][:2000]} for key in sorted(topics)[::8][:25]])
     before = evaluate_model(model, tokenizer, text, "ppl", tmp_path / "before.jsonl", seq_len=256).perplexity
-    init_lorasb(model, dataset, tokenizer, config)
+    init_from_gradients(model, dataset, tokenizer, config)
     after = evaluate_model(model, tokenizer, text, "ppl", tmp_path / "after.jsonl", seq_len=256).perplexity
     assert 1.001 < after / before < 1.02
 

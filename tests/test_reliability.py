@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 
 import qsvd
-from qsvd.checkpoints import MANIFEST
+from qsvd.files import MANIFEST
 from qsvd.cli import cli
 from qsvd.errors import QSVDError
 from conftest import tiny_run_args

@@ -13,8 +13,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, se
 import qsvd
 from qsvd import prepared, svd
 from qsvd.errors import QSVDError
-from qsvd.load import empty_model, open_weights, resolve_model
-from qsvd.split import adapter_layers, make_spec, split_model
+from qsvd.files import MANIFEST
+from qsvd.load import empty_model, resolve_model
+from qsvd.methods import make_spec
+from qsvd.split import adapter_layers, split_model
+from qsvd.weights import open_weights
 from conftest import char_tokenizer, tiny_model
 
 IDS = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -82,8 +85,10 @@ def test_truncated_shard_is_named(tmp_path):
 MEMORY_PROBE = textwrap.dedent("""
     import json, sys
     import torch
-    from qsvd.load import empty_model, open_weights, resolve_model
-    from qsvd.split import adapter_layers, make_spec, split_model
+    from qsvd.load import empty_model, resolve_model
+    from qsvd.methods import make_spec
+    from qsvd.split import adapter_layers, split_model
+    from qsvd.weights import open_weights
     from qsvd.memory import peak_memory_mb
 
     def rss_mb():
@@ -206,17 +211,17 @@ def test_bad_svd_niter(method, options, message):
         make_spec(method, RANK, **options)
 
 
-def obtain(path, method="milora", **options):
+def load_or_split(path, method="milora", **options):
     set_seed(0)
     spec = make_spec(method, RANK, bits=4, **options)
-    return prepared.obtain(resolve_model(str(path)), spec, seed=0, device="cpu", progress=False)
+    return prepared.load_or_split(resolve_model(str(path)), spec, seed=0, device="cpu", progress=False)
 
 
 def test_prepared_model_reloads_to_identical_logits_without_svd_or_quantization(sharded_dir, capsys,
                                                                                  monkeypatch):
-    model, path = obtain(sharded_dir)
+    model, path = load_or_split(sharded_dir)
     assert "prepared model saved" in capsys.readouterr().err
-    manifest = json.loads((path / prepared.MANIFEST_FILE).read_text())
+    manifest = json.loads((path / MANIFEST).read_text())
     assert manifest["key"]["method"] == "milora" and manifest["key"]["rank"] == RANK
     assert manifest["key"]["targets"] == model.qsvd_targets
     assert manifest["quantization_report"]["ratio"] > 0
@@ -227,7 +232,7 @@ def test_prepared_model_reloads_to_identical_logits_without_svd_or_quantization(
     for name in ("_full_svd", "bottom_triplets", "top_triplets"):
         monkeypatch.setattr(svd, name, forbidden)
     monkeypatch.setattr(qsvd.quantize, "freeze", forbidden)
-    reloaded, same_path = obtain(sharded_dir)
+    reloaded, same_path = load_or_split(sharded_dir)
     assert same_path == path and "reusing the prepared model" in capsys.readouterr().err
     assert torch.equal(logits(reloaded), logits(model))
     assert reloaded.qsvd_targets == model.qsvd_targets
@@ -250,7 +255,7 @@ def delete_a_shard(path):
 
 
 def change_manifest_source(path):
-    manifest_file = path / prepared.MANIFEST_FILE
+    manifest_file = path / MANIFEST
     manifest = json.loads(manifest_file.read_text())
     manifest["key"]["source"] = "0" * 16
     manifest_file.write_text(json.dumps(manifest))
@@ -261,13 +266,13 @@ def change_manifest_source(path):
                                             (delete_a_shard, "incomplete (layers-00001.safetensors is missing)"),
                                             (change_manifest_source, "made for another model")])
 def test_damaged_prepared_model_is_detected_and_rebuilt(sharded_dir, capsys, damage, problem):
-    model, path = obtain(sharded_dir, "pissa")
+    model, path = load_or_split(sharded_dir, "pissa")
     damage(path)
     capsys.readouterr()
-    rebuilt, _ = obtain(sharded_dir, "pissa")
+    rebuilt, _ = load_or_split(sharded_dir, "pissa")
     err = capsys.readouterr().err
     assert problem in err and "rebuilding it" in err and "prepared model saved" in err
-    assert prepared.check_prepared(path, json.loads((path / prepared.MANIFEST_FILE).read_text())["key"]) is None
+    assert prepared.check_prepared(path, json.loads((path / MANIFEST).read_text())["key"]) is None
     assert torch.equal(logits(rebuilt), logits(model))
 
 
@@ -282,20 +287,20 @@ def test_init_checks_the_checksums_of_what_it_finds_prepared(sharded_dir, capsys
 
 def test_a_reuse_reads_each_shard_once_checking_it_in_that_pass(sharded_dir, monkeypatch):
     monkeypatch.setattr(prepared, "SHARD_BYTES", 20_000)  # a shard a layer or two
-    model, path = obtain(sharded_dir, "pissa")
+    model, path = load_or_split(sharded_dir, "pissa")
     shards = sorted(path.glob("layers-*.safetensors"))
     assert len(shards) > 4
     read = []
     real_read_bytes = type(path).read_bytes
     monkeypatch.setattr(type(path), "read_bytes", lambda self: read.append(self.name) or real_read_bytes(self))
     monkeypatch.setattr(prepared, "file_sha256", lambda *_: pytest.fail("a reuse hashes in its one read"))
-    reloaded, _ = obtain(sharded_dir, "pissa")
+    reloaded, _ = load_or_split(sharded_dir, "pissa")
     assert [name for name in read if name.startswith("layers-")] == [shard.name for shard in shards]
     assert torch.equal(logits(reloaded), logits(model))
 
 
 def test_prefetch_is_only_a_hint(tmp_path):
-    from qsvd.load import prefetch
+    from qsvd.files import prefetch
 
     (tmp_path / "a").write_bytes(b"x" * 10)
     prefetch([tmp_path / "missing", tmp_path / "a"])  # a file gone is for the read that follows to tell
@@ -303,7 +308,7 @@ def test_prefetch_is_only_a_hint(tmp_path):
 
 
 def test_read_ahead_keeps_the_order_and_raises_what_a_read_raises():
-    from qsvd.load import read_ahead
+    from qsvd.files import read_ahead
 
     assert list(read_ahead(range(5), lambda i: i * i)) == [(i, i * i) for i in range(5)]
     assert list(read_ahead([], lambda i: i)) == []
@@ -321,15 +326,15 @@ def test_read_ahead_keeps_the_order_and_raises_what_a_read_raises():
 
 
 def test_another_model_or_setup_never_reuses_a_prepared_model(sharded_dir, tmp_path):
-    _, path = obtain(sharded_dir, "lora")
+    _, path = load_or_split(sharded_dir, "lora")
     other = tmp_path / "other"
     tiny_model(seed=1, bias=True).save_pretrained(other, max_shard_size="100KB")  # same config, other weights
     char_tokenizer().save_pretrained(other)
-    _, other_path = obtain(other, "lora")
+    _, other_path = load_or_split(other, "lora")
     assert other_path != path
     set_seed(1)  # lora's random init depends on the seed, so the seed is part of the key
     spec = make_spec("lora", RANK, bits=4)
-    _, seeded_path = prepared.obtain(resolve_model(str(sharded_dir)), spec, seed=1, device="cpu", progress=False)
+    _, seeded_path = prepared.load_or_split(resolve_model(str(sharded_dir)), spec, seed=1, device="cpu", progress=False)
     assert seeded_path != path
 
 
@@ -337,8 +342,8 @@ def test_init_streams_to_disk_the_same_prepared_model_a_split_writes(sharded_dir
     path = qsvd.init(model=str(sharded_dir), method="loraxs", rank=RANK, bits=4, seed=0)
     assert "prepared model saved" in capsys.readouterr().err
     shards = {shard: (path / shard).read_bytes() for shard in
-              json.loads((path / prepared.MANIFEST_FILE).read_text())["sha256"]}
+              json.loads((path / MANIFEST).read_text())["sha256"]}
     shutil.rmtree(path)
-    _, rebuilt = obtain(sharded_dir, "loraxs")  # the in-memory split, saved
+    _, rebuilt = load_or_split(sharded_dir, "loraxs")  # the in-memory split, saved
     assert rebuilt == path
     assert {shard: (path / shard).read_bytes() for shard in shards} == shards

@@ -101,7 +101,8 @@ def test_the_compute_dtype_and_loss_scaling_follow_the_gpu_unless_asked(capabili
     """--dtype auto: a T4 (compute capability 7.5) reports bf16 as supported through emulation, so
     qsvd takes fp16 there, which Trainer trains with its loss scaler, and bf16 from capability 8.0
     on; any other --dtype is taken as asked (bf16 where the GPU has it: tests/test_gpu_paths.py)."""
-    from qsvd.split import compute_dtype, make_spec
+    from qsvd.devices import compute_dtype
+    from qsvd.methods import make_spec
     from qsvd.train import training_arguments
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)

@@ -1,21 +1,27 @@
 """What every method shares: a frozen (quantized) base linear plus adapter tensors.
 
 A method is an `AdapterLayer` subclass that defines
-- `split(weight, spec)`: from the fp32 weight W, the adapter's initial tensors;
+- `initial_tensors(weight, spec)`: from the fp32 weight W, the adapter's initial tensors;
 - `frozen_weight(weight, tensors, spec)`: what goes into frozen storage (W unless the
   method moves part of W into the adapter);
+- `tensor_sizes(out, in, rank)`: the element count of each of its tensors, for `qsvd plan`;
 - `lora_update(tensors, spec)`: the trained update as a plain LoRA on the original W, for export;
-- `forward(x)`.
+- `forward(x)`;
+- for a method set from the data, `init_from_gradients(...)`, which `finetune` calls after the split.
 Tensors named in `trainable` become parameters; the rest are frozen buffers.
 """
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..quantize import dequantize
+
+
+CORE_INITS = ("normal", "zeros")
 
 
 @dataclass(frozen=True)
@@ -27,7 +33,7 @@ class AdapterSpec:
     alpha: float
     bits: int = 4
     dropout: float = 0.0
-    core_init: str = "normal"  # loraxs/edora: R ~ N(0, 1e-5²), or "zeros"
+    core_init: str = "normal"  # one of CORE_INITS; loraxs/edora: R ~ N(0, 1e-5²), or "zeros"
     refine_iters: int = 0  # pissa: quantization-aware refinement iterations
     svd_niter: int | None = None  # top-r SVD: randomized with this many power iterations, or exact
     dtype: str = "auto"  # compute dtype of the frozen base and the activations: auto (by device), fp32, bf16, fp16
@@ -44,9 +50,11 @@ class AdapterLayer(nn.Module):
     default_lr: ClassVar[float]
     summary: ClassVar[str]
     uses_alpha: ClassVar[bool] = True
-    needs_gradient_init: ClassVar[bool] = False
+    needs_gradient_init: ClassVar[bool] = False  # `init_from_gradients` sets its tensors after the split
+    init_samples: ClassVar[dict[str, int]] = {}  # rows that gradient init reads by default, by --task-type
     random_init: ClassVar[bool] = False  # the split draws from the random generator
-    moves_weight: ClassVar[bool] = False  # the frozen base is W minus the adapter's initial product
+    moves_weight: ClassVar[bool] = False  # the split changes the frozen base: W minus the adapter's initial product
+    refines: ClassVar[bool] = False  # --refine-iters applies: the split absorbs the quantization error
     uses_top_svd: ClassVar[bool] = False  # the split takes a top-r SVD (so --svd-niter applies)
 
     def __init__(self, base: nn.Module, tensors: dict[str, torch.Tensor], spec: AdapterSpec):
@@ -66,8 +74,8 @@ class AdapterLayer(nn.Module):
                 self.register_buffer(key, tensor)
 
     @classmethod
-    def split(cls, weight: torch.Tensor, spec: AdapterSpec,
-              roundtrip: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    def initial_tensors(cls, weight: torch.Tensor, spec: AdapterSpec,
+                        roundtrip: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
         """The adapter's initial tensors from the fp32 weight W (out × in).
 
         `roundtrip(M)` is deq(Q(M)) at the run's storage, for quantization-aware splits.
@@ -79,6 +87,18 @@ class AdapterLayer(nn.Module):
                       spec: AdapterSpec) -> torch.Tensor:
         """The matrix that is stored frozen: W itself unless the method says otherwise."""
         return weight
+
+    @classmethod
+    def tensor_sizes(cls, out_features: int, in_features: int, rank: int) -> dict[str, int]:
+        """The element count of each of a layer's adapter tensors (all fp32), by name."""
+        raise NotImplementedError
+
+    @classmethod
+    def init_from_gradients(cls, model: nn.Module, layers: dict[str, "AdapterLayer"], batches: Sequence[dict],
+                            lr: float, budget_bytes: int | None = None, sketch: bool = False) -> None:
+        """Set the layers' tensors from the gradients of `batches`, for a method that `needs_gradient_init`;
+        `budget_bytes` bounds the gradients held at once, `sketch` holds a sketch of each instead."""
+        raise NotImplementedError
 
     @classmethod
     def lora_update(cls, tensors: dict[str, torch.Tensor],
@@ -132,6 +152,11 @@ def init_magnitude(layer: AdapterLayer) -> torch.Tensor:
     layer.register_buffer("weight_sq_norm", weight.square().sum(dim=1), persistent=False)
     layer.magnitude = nn.Parameter(layer.weight_sq_norm.sqrt())
     return weight
+
+
+def magnitude_sizes(out_features: int) -> dict[str, int]:
+    """The tensors `init_magnitude` adds: m and w, one number a row each."""
+    return {"magnitude": out_features, "weight_sq_norm": out_features}
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ At bits 8, P carries LLM.int8's row-wise input rounding, as the base output itse
 
 import torch
 
-from .base import apply_magnitude, frozen_output, init_magnitude, norm_from_statistics
+from .base import apply_magnitude, frozen_output, init_magnitude, magnitude_sizes, norm_from_statistics
 from .lora import LoRALayer
 
 
@@ -25,6 +25,10 @@ class DoRALayer(LoRALayer):
     def __init__(self, base, tensors, spec):
         super().__init__(base, tensors, spec)
         init_magnitude(self)
+
+    @classmethod
+    def tensor_sizes(cls, out_features, in_features, rank):
+        return super().tensor_sizes(out_features, in_features, rank) | magnitude_sizes(out_features)
 
     def weight_norm(self, weight_A: torch.Tensor | None = None) -> torch.Tensor:
         """n = ‖deq(Q(W)) + s·B A‖_row (detached), given P = deq(Q(W)) Aᵀ or computing it."""

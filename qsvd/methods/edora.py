@@ -11,7 +11,7 @@ an O(out·r²) cost per step.
 
 import torch
 
-from .base import apply_magnitude, frozen_output, init_magnitude, norm_from_statistics
+from .base import apply_magnitude, frozen_output, init_magnitude, magnitude_sizes, norm_from_statistics
 from .loraxs import LoRAXSLayer
 
 
@@ -26,6 +26,11 @@ class EDoRALayer(LoRAXSLayer):
         weight = init_magnitude(self)
         self.register_buffer("weight_A", weight @ self.lora_A.T, persistent=False)  # P
         self.register_buffer("gram_A", self.lora_A @ self.lora_A.T, persistent=False)  # G
+
+    @classmethod
+    def tensor_sizes(cls, out_features, in_features, rank):
+        return super().tensor_sizes(out_features, in_features, rank) | magnitude_sizes(out_features) | {
+            "weight_A": out_features * rank, "gram_A": rank * rank}
 
     def weight_norm(self) -> torch.Tensor:
         """n = ‖deq(Q(W)) + s·B R A‖_row from the init-time statistics (detached)."""

@@ -16,11 +16,15 @@ class LoRALayer(AdapterLayer):
     random_init = True
 
     @classmethod
-    def split(cls, weight, spec, roundtrip):
+    def initial_tensors(cls, weight, spec, roundtrip):
         out_features, in_features = weight.shape
         lora_A = torch.empty(spec.rank, in_features, device=weight.device)
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT
         return {"lora_A": lora_A, "lora_B": torch.zeros(out_features, spec.rank, device=weight.device)}
+
+    @classmethod
+    def tensor_sizes(cls, out_features, in_features, rank):
+        return {"lora_A": rank * in_features, "lora_B": out_features * rank}
 
     @classmethod
     def lora_update(cls, tensors, spec):

@@ -28,15 +28,20 @@ class LoRASBLayer(LoRAXSLayer):
     summary = "LoRA-XS core set from the top-r SVD of the first full fine-tuning step −η·sign(G)."
     uses_alpha = False
     needs_gradient_init = True
+    init_samples = {"math": 50, "commonsense": 170}  # as in the official code
     random_init = False
 
     @classmethod
-    def split(cls, weight, spec, roundtrip):
+    def initial_tensors(cls, weight, spec, roundtrip):
         # Placeholders with B R A = 0; `init_from_gradients` sets the real factors.
         out_features, in_features = weight.shape
         return {"lora_B": weight.new_zeros(out_features, spec.rank),
                 "core": weight.new_zeros(spec.rank, spec.rank),
                 "lora_A": weight.new_zeros(spec.rank, in_features)}
+
+    @classmethod
+    def init_from_gradients(cls, model, layers, batches, lr, budget_bytes=None, sketch=False):
+        init_from_gradients(model, layers, batches, lr, budget_bytes, sketch)
 
     @torch.no_grad()
     def set_factors(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
@@ -46,7 +51,6 @@ class LoRASBLayer(LoRAXSLayer):
         self.lora_A.copy_(vh)
 
 
-GRAD_SAMPLES = {"math": 50, "commonsense": 170}  # rows for the estimate, as in the official code
 SKETCH_SEED = 0
 INIT_LOSS_SCALE = 2.0**16  # the estimate's first loss scale, GradScaler's
 

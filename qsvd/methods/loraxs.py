@@ -21,12 +21,16 @@ class LoRAXSLayer(AdapterLayer):
     uses_top_svd = True
 
     @classmethod
-    def split(cls, weight, spec, roundtrip):
+    def initial_tensors(cls, weight, spec, roundtrip):
         u, s, vh = svd.top_triplets(weight, spec.rank, spec.svd_niter)
         core = torch.zeros(spec.rank, spec.rank, device=weight.device)
         if spec.core_init == "normal":
             core.normal_(0.0, CORE_INIT_STD)
         return {"lora_B": u, "core": core, "lora_A": s[:, None] * vh}
+
+    @classmethod
+    def tensor_sizes(cls, out_features, in_features, rank):
+        return {"lora_A": rank * in_features, "lora_B": out_features * rank, "core": rank * rank}
 
     @classmethod
     def lora_update(cls, tensors, spec):

@@ -14,4 +14,5 @@ class MiLoRALayer(PiSSALayer):
     default_lr = 3e-4
     summary = "bottom-r singular components train; the principal part is frozen (4-bit)."
     triplets = staticmethod(svd.bottom_triplets)
+    refines = False  # the refinement re-takes the top triplets: it would undo the minor split
     uses_top_svd = False

@@ -21,6 +21,7 @@ class PiSSALayer(LoRALayer):
     triplets = staticmethod(svd.top_triplets)
     random_init = False
     moves_weight = True
+    refines = True
     uses_top_svd = True
 
     @classmethod
@@ -32,12 +33,17 @@ class PiSSALayer(LoRALayer):
                 "lora_A_init": lora_A.clone(), "lora_B_init": lora_B.clone()}
 
     @classmethod
-    def split(cls, weight, spec, roundtrip):
+    def initial_tensors(cls, weight, spec, roundtrip):
         tensors = cls.factors(*cls.triplets(weight, spec.rank, spec.svd_niter), spec)
         for _ in range(spec.refine_iters):
             error = weight - roundtrip(cls.frozen_weight(weight, tensors, spec))
             tensors = cls.factors(*svd.top_triplets(error, spec.rank, spec.svd_niter), spec)
         return tensors
+
+    @classmethod
+    def tensor_sizes(cls, out_features, in_features, rank):
+        sizes = super().tensor_sizes(out_features, in_features, rank)
+        return sizes | {"lora_A_init": sizes["lora_A"], "lora_B_init": sizes["lora_B"]}
 
     @classmethod
     def lora_update(cls, tensors, spec):

@@ -11,8 +11,6 @@ A run directory holds
 """
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,11 +19,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
 from .errors import QSVDError
-from .load import ModelFiles, check_writable, empty_model, file_sha256, load_tokenizer, open_weights, resolve_model
+from .files import check_writable, file_sha256, seal_problem
+from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
 from .methods import METHODS, AdapterSpec
-from .split import adapter_state, restore
+from .split import adapter_state, layer_state, restore
+from .version import __version__
+from .weights import open_weights
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "qsvd_config.json"
@@ -43,7 +43,8 @@ def check_output(output: Path, overwrite: bool) -> None:
 
 
 def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dict]) -> None:
-    """Write the run files into the staging directory `stage`."""
+    """Write the run files into `stage`, the run's temporary directory (`files.publish`); the record
+    seals the adapter with its sha256."""
     save_file(adapter_state(model), stage / ADAPTER_FILE, metadata={"format": "pt"})
     compute_dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
     record = {"qsvd_version": __version__, "spec": asdict(model.qsvd_spec), "targets": model.qsvd_targets,
@@ -75,16 +76,6 @@ def plot_losses(path: Path, log_history: list[dict], evals: dict[str, dict]) -> 
     figure.savefig(path, dpi=100)
 
 
-def publish(stage: Path, output: Path) -> None:
-    """Move the finished staging directory to `output`, replacing an old run only now."""
-    if output.exists():
-        trash = output.with_name(f".{output.name}.old")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(output, trash)
-        shutil.rmtree(trash)
-    os.replace(stage, output)
-
-
 def is_run(path: Path) -> bool:
     """Whether `path` is a qsvd run directory (complete or not)."""
     return path.is_dir() and (path / CONFIG_FILE).is_file()
@@ -105,7 +96,7 @@ class Run:
 
     def layer_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """One target's adapter tensors, by their names in the layer (lora_A, core, magnitude, …)."""
-        return {key.removeprefix(name + "."): t for key, t in self.tensors.items() if key.startswith(name + ".")}
+        return layer_state(self.tensors, name)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -122,7 +113,6 @@ class Run:
             raise QSVDError(f"the model {self.model} is not the one {self.path} was trained on "
                             f"(fingerprint {files.fingerprint} ≠ {self.fingerprint})")
         return files
-
 
 
 def read_log(path: Path) -> list[dict]:
@@ -168,8 +158,8 @@ def read_run(run_dir: str | Path) -> Run:
         raise QSVDError(f"{run_dir} is not a complete qsvd run ({what}); point at the --output "
                         f"directory of a finished `qsvd finetune`")
     record = read_record(config_path)
-    expected = record.get("adapter_sha256")
-    if expected is not None and file_sha256(adapter_path) != expected:
+    expected = record.get("adapter_sha256")  # a run from before checksums were recorded has none
+    if expected is not None and seal_problem(run_dir, {ADAPTER_FILE: expected}) is not None:
         raise QSVDError(f"{adapter_path} does not match the checksum in {CONFIG_FILE}: the file is "
                         f"corrupt or was changed; the run cannot be used, train it again")
     try:

@@ -18,8 +18,8 @@ from transformers import TrainerCallback
 from .config import FinetuneConfig
 from .console import console
 from .errors import QSVDError
-from .files import move_into_place, publish, read_manifest, remove, seal_problem, write_manifest
-from .run_dir import check_output, is_run
+from .files import check_output, move_into_place, publish, read_manifest, remove, seal_problem, write_manifest
+from .run_dir import is_run
 
 KEEP = 2  # sealed checkpoints kept: the newest and the one before it
 CHECKPOINTS = "checkpoints"  # in the work dir
@@ -28,6 +28,13 @@ RUN_CONFIG = "config.json"  # in the work dir: the resolved config, which a resu
 # length may grow past the checkpoint; Trainer then lays its schedule over the new length.
 RESUME_MAY_CHANGE = ("resume", "overwrite", "eval_data", "eval_task", "eval_split", "report_to", "save_steps")
 RESUME_MAY_GROW = ("max_steps", "epochs")
+
+
+def seal(staged: Path, directory: Path) -> None:
+    """Seal the checkpoint Trainer staged (`files.write_manifest`), and rename it into `directory`."""
+    write_manifest(staged)
+    directory.mkdir(parents=True, exist_ok=True)
+    move_into_place(staged, directory / staged.name)
 
 
 def is_intact(checkpoint: Path) -> bool:
@@ -63,10 +70,7 @@ class SealCheckpoints(TrainerCallback):
         PartialState().wait_for_everyone()
         if not state.is_world_process_zero:
             return
-        staged = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        write_manifest(staged)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        move_into_place(staged, self.directory / staged.name)
+        seal(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.directory)
         for old in sealed_checkpoints(self.directory)[:-KEEP]:
             remove(old)
 

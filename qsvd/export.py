@@ -29,11 +29,11 @@ from .config import parse_size
 from .console import console
 from .errors import QSVDError
 from .export_gguf import ARCHITECTURES, GGUF_TYPES, gguf_architecture, modelfile, read_vocabulary, write_gguf
-from .files import check_writable, one_writer, publish
+from .files import check_output, check_writable, one_writer, publish
 from .load import ModelFiles, empty_model, read_config, read_tokenizer
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
-from .run_dir import Run, check_output, read_run
+from .run_dir import Run, read_run
 from .devices import DTYPES
 from .split import find_targets, trained_targets
 from .version import __version__

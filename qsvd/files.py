@@ -56,12 +56,20 @@ def publish(target: Path, write: Callable[[Path], None], directory: bool = True)
 
 
 def move_into_place(staged: Path, target: Path) -> None:
-    """Rename the finished `staged` to `target`; an old `target` is first renamed aside, then removed."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old{temp_suffix()}")
-        os.replace(target, old)
-        remove(old)
-    os.replace(staged, target)
+    """Rename the finished `staged` to `target`. An old directory there is renamed aside first (a
+    rename cannot replace one) and removed once the new one is in place, or put back if it cannot be."""
+    if not target.is_dir():
+        os.replace(staged, target)
+        return
+    old = target.with_name(f".{target.name}.old{temp_suffix()}")
+    remove(old)
+    os.replace(target, old)
+    try:
+        os.replace(staged, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    remove(old)
 
 
 def remove(path: Path) -> None:
@@ -151,6 +159,13 @@ def check_writable(target: Path, what: str = "--output") -> None:
         reason = ("it is on a read-only filesystem" if os.statvfs(existing).f_flag & os.ST_RDONLY else
                   "this user may not write in it")
         raise QSVDError(f"{what} {target}: cannot write in {existing}: {reason}")
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse to mix outputs: an existing non-empty output dir needs --overwrite; and one that cannot be written."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise QSVDError(f"--output {output} already holds files; choose another --output or pass --overwrite")
+    check_writable(output)
 
 
 @contextmanager

@@ -132,7 +132,8 @@ def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: Adapter
     Raises `CorruptPrepared` if a shard does not match its checksum."""
     linears = find_targets(model, targets)
     shards, pending = read_shards(path), {}  # the disk starts on them while the source's tensors load
-    load_non_targets(model, linears, open_weights(files, model), device, spec)
+    dtype = compute_dtype(device, spec)
+    load_non_targets(model, linears, open_weights(files, model), device, dtype)
 
     def load_layer(name: str, linear: nn.Linear) -> nn.Module:
         nonlocal pending
@@ -142,9 +143,9 @@ def load_prepared(path: Path, model: nn.Module, files: ModelFiles, spec: Adapter
             if pending is None:
                 raise CorruptPrepared(f"corrupt (no shard holds {name})")
         state = {key.removeprefix(prefix): pending.pop(key) for key in list(pending) if key.startswith(prefix)}
-        return stored_layer(spec, device, state)
+        return stored_layer(spec, device, dtype, state)
 
-    return replace_layers(model, spec, linears, load_layer, device, progress, "load prepared")
+    return replace_layers(model, spec, linears, load_layer, device, dtype, progress, "load prepared")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import QSVDError
-from .files import check_writable, file_sha256, seal_problem
+from .files import file_sha256, seal_problem
 from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
 from .methods import METHODS, AdapterSpec
 from .split import adapter_state, layer_state, restore
@@ -33,13 +33,6 @@ LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss.png"
 LOGS = "logs"  # --report-to tensorboard's event files
 RECORD_KEYS = ("spec", "targets", "config", "model_fingerprint", "trainable_params", "final_loss")
-
-
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse to mix outputs: an existing non-empty output dir needs --overwrite; and one that cannot be written."""
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise QSVDError(f"--output {output} already holds files; choose another --output or pass --overwrite")
-    check_writable(output)
 
 
 def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dict]) -> None:

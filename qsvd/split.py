@@ -16,6 +16,7 @@ from rich.progress import track
 from torch import nn
 
 from . import quantize
+from .config import FinetuneConfig
 from .console import console
 from .devices import compute_dtype, resolve_device
 from .errors import QSVDError
@@ -59,10 +60,10 @@ def check_rank(linears: dict[str, nn.Linear], rank: int) -> None:
 
 
 def replace_layers(model: nn.Module, spec: AdapterSpec | None, linears: dict[str, nn.Linear],
-                   make_layer: Callable[[str, nn.Linear], nn.Module], device: torch.device,
+                   make_layer: Callable[[str, nn.Linear], nn.Module], device: torch.device, dtype: torch.dtype,
                    progress: bool, description: str = "split + quantize") -> nn.Module:
     """Swap each linear for `make_layer(name, linear)`, freeing the original as we go; then freeze
-    everything but the adapters' trainable tensors and cast the rest to the compute dtype."""
+    everything but the adapters' trainable tensors and cast the rest to the compute `dtype`."""
     layers = {}
     for name in track(list(linears), description=description, disable=not progress, console=console):
         parent_name, _, child = name.rpartition(".")
@@ -70,7 +71,6 @@ def replace_layers(model: nn.Module, spec: AdapterSpec | None, linears: dict[str
         layers[name] = make_layer(name, linears.pop(name))
         setattr(parent, child, layers[name])
         return_freed_memory()
-    dtype = compute_dtype(device, spec)
     adapter_params = {id(p) for layer in layers.values() for p in layer.parameters()}
     for param in model.parameters():
         if id(param) not in adapter_params:
@@ -83,19 +83,20 @@ def replace_layers(model: nn.Module, spec: AdapterSpec | None, linears: dict[str
     return model
 
 
-def frozen_layer(spec: AdapterSpec, device: torch.device, frozen: torch.Tensor, bias: torch.Tensor | None,
-                 tensors: dict[str, torch.Tensor]) -> AdapterLayer:
+def frozen_layer(spec: AdapterSpec, device: torch.device, dtype: torch.dtype, frozen: torch.Tensor,
+                 bias: torch.Tensor | None, tensors: dict[str, torch.Tensor]) -> AdapterLayer:
     """The adapter layer over Q(frozen), the method's frozen part of W: for a fresh split and a restore."""
-    base = quantize.freeze(frozen, bias, spec.bits, compute_dtype(device, spec), device)
+    base = quantize.freeze(frozen, bias, spec.bits, dtype, device)
     return METHODS[spec.method](base, tensors, spec)
 
 
-def stored_layer(spec: AdapterSpec, device: torch.device, state: dict[str, torch.Tensor]) -> AdapterLayer:
+def stored_layer(spec: AdapterSpec, device: torch.device, dtype: torch.dtype,
+                 state: dict[str, torch.Tensor]) -> AdapterLayer:
     """The adapter layer from its stored state (a prepared model's): the frozen base as bitsandbytes
     stores it, under `base.`, and the adapter's tensors."""
     base = {key.removeprefix("base."): t for key, t in state.items() if key.startswith("base.")}
     tensors = {key: t.to(device) for key, t in state.items() if not key.startswith("base.")}
-    return METHODS[spec.method](quantize.load_frozen(base, spec.bits, compute_dtype(device, spec), device), tensors, spec)
+    return METHODS[spec.method](quantize.load_frozen(base, spec.bits, dtype, device), tensors, spec)
 
 
 def layer_state(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -155,8 +156,8 @@ class QuantizationReport:
 def layer_splitter(spec: AdapterSpec, device: torch.device):
     """`split_layer(W, b)` → the adapter layer over Q(frozen part of W), and the quantization
     report it fills in where one applies (else None)."""
-    layer_cls = METHODS[spec.method]
-    roundtrip = partial(quantize.roundtrip, bits=spec.bits, dtype=compute_dtype(device, spec))
+    layer_cls, dtype = METHODS[spec.method], compute_dtype(device, spec)
+    roundtrip = partial(quantize.roundtrip, bits=spec.bits, dtype=dtype)
     report = QuantizationReport() if layer_cls.moves_weight and spec.bits < 16 else None
 
     def split_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> AdapterLayer:
@@ -164,7 +165,7 @@ def layer_splitter(spec: AdapterSpec, device: torch.device):
         # contiguous, as they will be when reloaded, so a restore recomputes the same frozen base
         tensors = {key: t.contiguous() for key, t in layer_cls.initial_tensors(weight, spec, roundtrip).items()}
         frozen = layer_cls.frozen_weight(weight, tensors, spec)
-        layer = frozen_layer(spec, device, frozen, bias, tensors)
+        layer = frozen_layer(spec, device, dtype, frozen, bias, tensors)
         if report is not None:
             report.add(weight, frozen, roundtrip)
         return layer
@@ -182,10 +183,10 @@ def target_tensors(name: str, linear: nn.Linear, weights=None) -> tuple[torch.Te
 
 
 def load_non_targets(model: nn.Module, linears: dict[str, nn.Linear], weights, device: torch.device,
-                     spec: AdapterSpec | None) -> None:
-    """Read every tensor but the targets' weights and biases, in the compute dtype, onto `device`."""
+                     dtype: torch.dtype) -> None:
+    """Read every tensor but the targets' weights and biases, in the compute `dtype`, onto `device`."""
     skip = {f"{name}.{key}" for name in linears for key in ("weight", "bias")}
-    load_tensors(model, weights, skip=skip, device=device, dtype=compute_dtype(device, spec))
+    load_tensors(model, weights, skip=skip, device=device, dtype=dtype)
 
 
 def split_model(model: nn.Module, spec: AdapterSpec, targets: Iterable[str] | None = None,
@@ -198,29 +199,31 @@ def split_model(model: nn.Module, spec: AdapterSpec, targets: Iterable[str] | No
     Returns the model and, where it applies, the quantization report.
     """
     device = resolve_device(device)
+    dtype = compute_dtype(device, spec)
     linears = find_targets(model, targets)
     check_rank(linears, spec.rank)
     split_layer, report = layer_splitter(spec, device)
     if weights is not None:
-        load_non_targets(model, linears, weights, device, spec)
+        load_non_targets(model, linears, weights, device, dtype)
     replace_layers(model, spec, linears, lambda name, linear: split_layer(*target_tensors(name, linear, weights)),
-                   device, progress)
+                   device, dtype, progress)
     if report is not None and progress:
         console.print(report.line())
     return model, report
 
 
-def prepare(model: nn.Module, method: str, bits: int = 4, rank: int = 16, alpha: float | None = None,
-            targets: Iterable[str] | None = None, dropout: float = 0.0, core_init: str = "normal",
-            refine_iters: int = 0, svd_niter: int | None = None, dtype: str = "auto",
-            grad_batches: Sequence[dict] | None = None,
-            lr: float | None = None, grad_mem_budget: int | None = None, grad_sketch: bool = False,
+def prepare(model: nn.Module, method: str, bits: int = FinetuneConfig.bits, rank: int = FinetuneConfig.rank,
+            alpha: float | None = None, targets: Iterable[str] | None = None, dropout: float = FinetuneConfig.dropout,
+            core_init: str = FinetuneConfig.core_init, refine_iters: int = FinetuneConfig.refine_iters,
+            svd_niter: int | None = None, dtype: str = FinetuneConfig.dtype, grad_batches: Sequence[dict] | None = None,
+            lr: float | None = None, grad_mem_budget: int | None = None, grad_sketch: bool = FinetuneConfig.grad_sketch,
             device: torch.device | str | None = None, progress: bool = True) -> nn.Module:
-    """Turn a loaded HF causal LM into a trainable qsvd model, in place.
+    """Turn a loaded HF causal LM into a trainable qsvd model, in place, with finetune's defaults.
 
-    lorasb also needs `grad_batches` (model inputs with labels) and `lr`, the η of its init step
-    −η·sign(G) (`qsvd finetune` takes full fine-tuning's first step, see `train.first_step_lr`);
-    `grad_mem_budget` (bytes) and `grad_sketch` choose how its gradients are gathered.
+    A method set from gradients (lorasb) also needs `grad_batches` (model inputs with labels) and
+    `lr`, the η of its init step −η·sign(G) (`qsvd finetune` takes full fine-tuning's first step,
+    see `train.first_step_lr`); `grad_mem_budget` (bytes) and `grad_sketch` choose how its
+    gradients are gathered.
     """
     spec = make_spec(method, rank, alpha, bits, dropout=dropout, core_init=core_init,
                      refine_iters=refine_iters, svd_niter=svd_niter, dtype=dtype)
@@ -242,19 +245,20 @@ def restore(model: nn.Module, spec: AdapterSpec, targets: list[str], tensors: di
     """
     layer_cls = METHODS[spec.method]
     device = resolve_device(device)
+    dtype = compute_dtype(device, spec)
     linears = trained_targets(model, targets)
     if weights is not None:
-        load_non_targets(model, linears, weights, device, spec)
+        load_non_targets(model, linears, weights, device, dtype)
 
     def rebuild_layer(name: str, linear: nn.Linear) -> AdapterLayer:
         weight, bias = target_tensors(name, linear, weights)
         own = {key: t.to(device) for key, t in layer_state(tensors, name).items()}
         frozen = layer_cls.frozen_weight(weight.detach().to(device, torch.float32), own, spec)
-        layer = frozen_layer(spec, device, frozen, bias, own)
+        layer = frozen_layer(spec, device, dtype, frozen, bias, own)
         layer.load_state_dict(own, strict=False)  # trained magnitude, where the method has one
         return layer
 
-    return replace_layers(model, spec, linears, rebuild_layer, device, progress, "rebuild")
+    return replace_layers(model, spec, linears, rebuild_layer, device, dtype, progress, "rebuild")
 
 
 def quantized_model(files: ModelFiles, bits: int, device: torch.device | str | None = None,
@@ -263,16 +267,17 @@ def quantized_model(files: ModelFiles, bits: int, device: torch.device | str | N
     `bits` (the base of plain QLoRA at 4), read from the checkpoint one layer at a time."""
     check_bits(bits)
     device = resolve_device(device)
+    dtype = compute_dtype(device)
     model = empty_model(files, trust_remote_code)
     weights = open_weights(files, model)
     linears = find_targets(model)
-    load_non_targets(model, linears, weights, device, None)
+    load_non_targets(model, linears, weights, device, dtype)
 
     def freeze_layer(name: str, linear: nn.Linear) -> nn.Module:
         weight, bias = target_tensors(name, linear, weights)
-        return quantize.freeze(weight.float(), bias, bits, compute_dtype(device), device)
+        return quantize.freeze(weight.float(), bias, bits, dtype, device)
 
-    return replace_layers(model, None, linears, freeze_layer, device, progress, f"load {bits}-bit")
+    return replace_layers(model, None, linears, freeze_layer, device, dtype, progress, f"load {bits}-bit")
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:

@@ -201,11 +201,11 @@ def suggestions(setup: Setup) -> list[tuple[str, Setup]]:
     return steps
 
 
-def plan(gpu: str | None = None, **options) -> dict[str, float]:
+def plan(model: str = Setup.model, gpu: str | None = None, **options) -> dict[str, float]:
     """Print the budget of `qsvd plan` and whether it fits; returns the budget in bytes."""
     if gpu is not None and gpu not in GPUS:
         raise QSVDError(f"--gpu {gpu!r} is not one of: {', '.join(GPUS)}")
-    setup = Setup(gpu=gpu, **{k: v for k, v in options.items() if v is not None})
+    setup = Setup(model=model, gpu=gpu, **{k: v for k, v in options.items() if v is not None})
     check_positive({"rank": setup.rank, "seq-len": setup.seq_len, "batch-size": setup.batch_size,
                     "num-processes": setup.processes})
     setup.compute_dtype  # refuses bf16 on a GPU without it

@@ -56,7 +56,7 @@ def spy_on_processes(directory):
                 return original(*args, **kwargs)
             setattr(prepared, name, told)
 
-        spy("build")
+        spy("split_and_save")
         spy("load_prepared")
         loss.LOGIT_CHUNK_BYTES = {CHUNK_TOKENS} * 4 * 128
 
@@ -92,8 +92,8 @@ def test_two_processes_train_what_one_process_trains_on_the_same_global_batch(me
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     told = re.findall(r"spy: (.*)", two.stderr)  # on lines of their own, between progress bars
-    assert {line for line in told if line.startswith(("build", "load_prepared"))} == {
-        "build on process 0", "load_prepared on process 1"}
+    assert {line for line in told if line.startswith(("split_and_save", "load_prepared"))} == {
+        "split_and_save on process 0", "load_prepared on process 1"}
     for rank in (0, 1):
         assert f"timeout {PROCESS_GROUP_TIMEOUT} on process {rank}" in told
         assert f"DistributedDataParallel broadcast_buffers=False bucket_view=True on process {rank}" in told

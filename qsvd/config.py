@@ -10,11 +10,11 @@ import yaml
 
 from .errors import QSVDError
 from .load import EMBEDDED_ALIAS
-from .methods import METHODS, AdapterSpec, make_spec
+from .methods import INIT_SAMPLES, METHODS, AdapterSpec, make_spec
 
 
 LOGGERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}  # → package
-TASK_TYPES = ("math", "commonsense")
+TASK_TYPES = tuple(INIT_SAMPLES)
 
 
 @dataclass
@@ -31,8 +31,8 @@ class FinetuneConfig:
     refine_iters: int = 0  # pissa: quantization-aware refinement iterations
     svd_niter: int | None = None  # top-r SVD: randomized with this many power iterations; default exact
     dtype: str = "auto"  # compute dtype: auto (fp32 on CPU, bf16 on GPUs of compute capability ≥ 8.0, else fp16), fp32, bf16, fp16
-    task_type: str = "math"  # one of TASK_TYPES: sets the default --grad-samples of a method set from gradients
-    grad_samples: int | None = None  # lorasb: rows for the gradient estimate (default: the method's, by --task-type)
+    task_type: str = "math"  # one of TASK_TYPES: sets the default --grad-samples
+    grad_samples: int | None = None  # lorasb: rows for the gradient estimate (default: INIT_SAMPLES[task_type])
     grad_mem_budget: str | None = None  # lorasb: e.g. "2GB" of gradients at a time (default: half the free memory)
     grad_sketch: bool = False  # lorasb: one pass with a rank-(2r+1) sketch of each gradient instead
     init_lr: float | None = None  # lorasb: η of the init step −η·sign(G) (default: lr / full fine-tuning's warm-up steps)
@@ -130,9 +130,8 @@ class FinetuneConfig:
         return names
 
     @property
-    def gradient_samples(self) -> int | None:
-        """--grad-samples, or the method's default for --task-type (None: the method reads no gradients)."""
-        return self.grad_samples or METHODS[self.method].init_samples.get(self.task_type)
+    def gradient_samples(self) -> int:
+        return self.grad_samples or INIT_SAMPLES[self.task_type]
 
     @property
     def grad_budget_bytes(self) -> int | None:

@@ -3,7 +3,7 @@
 from ..devices import COMPUTE_DTYPES
 from ..errors import QSVDError
 from ..quantize import SUPPORTED_BITS
-from .base import CORE_INITS, AdapterLayer, AdapterSpec
+from .base import CORE_INITS, INIT_SAMPLES, AdapterLayer, AdapterSpec
 from .dora import DoRALayer
 from .edora import EDoRALayer
 from .lora import LoRALayer
@@ -58,4 +58,4 @@ def make_spec(method: str, rank: int, alpha: float | None = None, bits: int = 4,
     return AdapterSpec(method=method, rank=rank, alpha=float(alpha or rank), bits=bits, **options)
 
 
-__all__ = ["METHODS", "AdapterLayer", "AdapterSpec", "make_spec"]
+__all__ = ["INIT_SAMPLES", "METHODS", "AdapterLayer", "AdapterSpec", "make_spec"]

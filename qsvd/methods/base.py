@@ -22,6 +22,7 @@ from ..quantize import dequantize
 
 
 CORE_INITS = ("normal", "zeros")
+INIT_SAMPLES = {"math": 50, "commonsense": 170}  # rows a gradient init reads by default, by --task-type (LoRA-SB's code)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,6 @@ class AdapterLayer(nn.Module):
     summary: ClassVar[str]
     uses_alpha: ClassVar[bool] = True
     needs_gradient_init: ClassVar[bool] = False  # `init_from_gradients` sets its tensors after the split
-    init_samples: ClassVar[dict[str, int]] = {}  # rows that gradient init reads by default, by --task-type
     random_init: ClassVar[bool] = False  # the split draws from the random generator
     moves_weight: ClassVar[bool] = False  # the split changes the frozen base: W minus the adapter's initial product
     refines: ClassVar[bool] = False  # --refine-iters applies: the split absorbs the quantization error

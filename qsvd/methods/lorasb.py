@@ -28,7 +28,6 @@ class LoRASBLayer(LoRAXSLayer):
     summary = "LoRA-XS core set from the top-r SVD of the first full fine-tuning step −η·sign(G)."
     uses_alpha = False
     needs_gradient_init = True
-    init_samples = {"math": 50, "commonsense": 170}  # as in the official code
     random_init = False
 
     @classmethod

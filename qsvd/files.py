@@ -56,9 +56,10 @@ def publish(target: Path, write: Callable[[Path], None], directory: bool = True)
 
 
 def move_into_place(staged: Path, target: Path) -> None:
-    """Rename the finished `staged` to `target`. An old directory there is renamed aside first (a
-    rename cannot replace one) and removed once the new one is in place, or put back if it cannot be."""
-    if not target.is_dir():
+    """Rename the finished `staged` to `target`. A rename replaces a file by a file; any other old
+    `target` (a directory, or a file where a directory goes) is renamed aside first and removed once
+    the new one is in place, or put back if it cannot be."""
+    if not os.path.lexists(target) or (staged.is_file() and not target.is_dir()):
         os.replace(staged, target)
         return
     old = target.with_name(f".{target.name}.old{temp_suffix()}")

@@ -13,6 +13,7 @@ import pytest
 import qsvd
 from qsvd.checkpoints import is_intact
 from qsvd.errors import QSVDError
+from qsvd.files import publish
 from test_export_gguf import save_and_train, tiny
 
 KINDS = ["run", "checkpoint", "prepared model", "peft export", "predictions", "gguf file"]
@@ -87,3 +88,15 @@ def test_a_rewrite_that_fails_as_it_is_put_in_place_keeps_the_old_and_no_tempora
     else:
         assert after == before, sorted(set(after.items()) ^ set(before.items()))[:3]
     assert not [p for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.") and p.suffix != ".partial"]
+
+
+def test_a_directory_published_where_a_file_was_and_a_file_where_a_directory_was(tmp_path):
+    """--overwrite of an --output that is a file (or the other way round) replaces it, and leaves nothing beside."""
+    (tmp_path / "run").write_text("a file where a run goes")
+    publish(tmp_path / "run", lambda tmp: (tmp / "adapter.safetensors").write_text("new"))
+    (tmp_path / "model.gguf").mkdir()
+    (tmp_path / "model.gguf" / "old").write_text("a directory where a file goes")
+    publish(tmp_path / "model.gguf", lambda tmp: tmp.write_text("new"), directory=False)
+    assert (tmp_path / "run" / "adapter.safetensors").read_text() == "new"
+    assert (tmp_path / "model.gguf").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "run"]

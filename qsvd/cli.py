@@ -8,6 +8,7 @@ from contextlib import contextmanager
 import click
 import yaml
 
+from .batching import BATCHINGS
 from .config import TASK_TYPES, FinetuneConfig
 from .data import EVAL_TASKS
 from .devices import COMPUTE_DTYPES, DTYPES
@@ -88,6 +89,12 @@ def split_options(command):
 @click.option("--batch-size", type=int, help=f"Rows per device batch (default {DEFAULT.batch_size}).")
 @click.option("--grad-accum", type=int, help=f"Gradient accumulation steps (default {DEFAULT.grad_accum}).")
 @click.option("--seq-len", type=int, help=f"Longest row in tokens; longer rows are skipped and counted, or cut with --truncate (default {DEFAULT.seq_len}).")
+@click.option("--batching", type=click.Choice(BATCHINGS),
+              help=f"How rows become batches: padded, grouped (rows of similar length together), padding-free (a "
+                   f"batch's rows as one sequence) or packed; auto: padding-free where flash-attention runs, else "
+                   f"grouped (default {DEFAULT.batching}).")
+@click.option("--packing", is_flag=True, default=None,
+              help="--batching packed: whole rows packed best-fit decreasing into sequences of --seq-len tokens.")
 @click.option("--task-type", type=click.Choice(TASK_TYPES), help=f"lorasb: sets the default --grad-samples, 50 or 170 as in the paper (default {DEFAULT.task_type}).")
 @click.option("--grad-samples", type=int, help="lorasb: training rows for the gradient estimate (default: by --task-type).")
 @click.option("--grad-mem-budget", help="lorasb: memory for the gradients of one group of layers, e.g. 2GB; the estimate runs once per group (default: half the free memory).")
@@ -111,6 +118,10 @@ def finetune(ctx: click.Context, config_file, dry_run, num_processes, **flags) -
     """Fine-tune a model with one of qsvd's adapter methods."""
     with user_errors(ctx):
         flags["eval_data"] = list(flags["eval_data"]) or None  # click gives () when the flag is absent
+        if flags.pop("packing"):
+            if flags["batching"] not in (None, "packed"):
+                raise QSVDError(f"--packing is --batching packed: give one of --packing and --batching {flags['batching']}")
+            flags["batching"] = "packed"
         config = FinetuneConfig.resolve(config_file, **flags)
         if dry_run:
             click.echo(yaml.safe_dump(config.resolved(), sort_keys=False), nl=False)

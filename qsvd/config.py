@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from .batching import BATCHINGS
 from .errors import QSVDError
 from .load import EMBEDDED_ALIAS
 from .methods import INIT_SAMPLES, METHODS, AdapterSpec, make_spec
@@ -54,6 +55,7 @@ class FinetuneConfig:
     batch_size: int = 4
     grad_accum: int = 1
     seq_len: int = 256
+    batching: str = "auto"  # padded, grouped, padding-free or packed (see batching.py); auto: the device's fastest
     gradient_checkpointing: bool = True
     optim: str = "paged_adamw_8bit"
     logging_steps: int = 1
@@ -109,6 +111,8 @@ class FinetuneConfig:
         if self.task_type not in TASK_TYPES:
             raise QSVDError(f"--task-type must be one of {', '.join(TASK_TYPES)}, got {self.task_type!r}")
         self.grad_budget_bytes  # parses --grad-mem-budget
+        if self.batching not in BATCHINGS:
+            raise QSVDError(f"--batching must be one of {', '.join(BATCHINGS)}, got {self.batching!r}")
 
     def spec(self) -> AdapterSpec:
         return make_spec(self.method, self.rank, self.alpha, self.bits, dropout=self.dropout,

@@ -312,11 +312,9 @@ def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
                                   return_tensors="pt")
 
 
-def first_batches(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, samples: int,
-                  batch_size: int, seed: int) -> list[dict]:
-    """`samples` rows (shuffled by `seed`) as padded batches, e.g. for LoRA-SB's gradient estimate."""
+def first_batches(dataset: datasets.Dataset, collate, samples: int, batch_size: int, seed: int) -> list[dict]:
+    """`samples` rows (shuffled by `seed`) as batches made by `collate`, e.g. for LoRA-SB's gradient estimate."""
     rows = dataset.shuffle(seed=seed).select(range(min(samples, len(dataset))))
-    collate = collator(tokenizer)
     return [collate([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
             for start in range(0, len(rows), batch_size)]
 

@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_dir, step_of, work_dir
 from .config import FinetuneConfig
 from .console import console
+from .batching import Batching, batch_collator, choose
 from .data import TrainingRows, eval_sets, first_batches, tokenize_rows, training_rows
 from .devices import compute_dtype, default_device
 from .distributed import processes
@@ -95,18 +96,20 @@ def recipe(config: FinetuneConfig, state, start: float) -> RunSummary:
           state.main_process_first()):
         model, prepared = load_or_split(files, config.spec(), config.targets, config.seed,
                                         trust_remote_code=config.trust_remote_code)
+    batching = choose(config.batching, model.device, compute_dtype(model.device, config.spec()))
+    console.print(batching.line())
     if METHODS[config.method].needs_gradient_init and resume_from is None:  # a checkpoint holds the init
-        init_from_gradients(model, dataset, tokenizer, config)
+        init_from_gradients(model, dataset, tokenizer, config, batching)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # 4. train, checkpointing into the work dir beside --output; 5. publish the run in one rename
     #    (by the main process; the others wait until it is published)
     work = start_work_dir(config, output) if state.is_main_process else work_dir(output)
     try:
-        outcome = train_with_advice(model, tokenizer, dataset, config, work, resume_from)
+        outcome = train_with_advice(model, tokenizer, dataset, config, work, resume_from, batching)
         setup_seconds = (outcome.first_step_start or time.perf_counter()) - start
         if state.is_main_process:
-            record = {"config": config.resolved(), "processes": state.num_processes, "model_path": str(files.config_dir),
+            record = {"config": config.resolved(), "batching": batching.name, "processes": state.num_processes, "model_path": str(files.config_dir),
                       "model_fingerprint": files.fingerprint, "prepared_model": str(prepared),
                       "trainable_params": trainable,
                       "data": {"rows": tokenized.read, "kept": len(dataset), "skipped": tokenized.skipped},
@@ -146,12 +149,14 @@ def write_run_files(stage: Path, model: nn.Module, tokenizer, evaluations: list,
     write_run(stage, model, record, outcome.log_history)
 
 
-def init_from_gradients(model: nn.Module, dataset, tokenizer, config: FinetuneConfig) -> None:
+def init_from_gradients(model: nn.Module, dataset, tokenizer, config: FinetuneConfig, batching: Batching) -> None:
     """The adapters of a method set from gradients (LoRA-SB's factors), from the gradients of the
-    first --grad-samples rows, at η = `first_step_lr`."""
+    first --grad-samples rows (in batches of --batch-size rows, flattened as training's are when
+    `batching` flattens them), at η = `first_step_lr`."""
     if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
-    batches = first_batches(dataset, tokenizer, config.gradient_samples, config.batch_size, config.seed)
+    batches = first_batches(dataset, batch_collator(tokenizer, batching), config.gradient_samples, config.batch_size,
+                            config.seed)
     lr = first_step_lr(config, len(dataset))
     console.print(f"{config.method}: init step η = {lr:.3g}" + ("" if config.init_lr else
                   f" (--lr {config.learning_rate:g} over full fine-tuning's warm-up; --init-lr sets it)"))
@@ -191,14 +196,14 @@ def model_files(config: FinetuneConfig) -> tuple[ModelFiles, PreTrainedTokenizer
 
 
 def train_with_advice(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, work: Path,
-                      resume_from: Path | None):
+                      resume_from: Path | None, batching: Batching):
     """`train`, with a diverged loss or running out of memory told as what to do next."""
     advice = (f"start over (--overwrite) with --batch-size {max(1, config.batch_size // 2)} --grad-accum "
               f"{config.grad_accum * 2} (the same effective batch), a shorter --seq-len, or --bits 4")
     try:
         with out_of_memory_advice("training", advice):
             return train(model, tokenizer, dataset, config, work / "trainer", work / CHECKPOINTS, resume_from,
-                         logs=work / LOGS)
+                         logs=work / LOGS, batching=batching)
     except NonFiniteLoss as error:
         raise QSVDError(f"training stopped: {error} (lr {config.learning_rate:g}); "
                         f"{continuation(work, 'a lower --lr')}") from None

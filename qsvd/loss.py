@@ -37,11 +37,11 @@ def supervised_token_losses(model: PreTrainedModel, inputs: dict[str, torch.Tens
     targets = inputs["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     targets = targets[mask]
+    tokens = {key: inputs[key] for key in ("input_ids", "attention_mask", "position_ids") if key in inputs}
     if not plain_logits(model):
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+        logits = model(**tokens, use_cache=False).logits
         return F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction=reduction), mask
-    hidden = model.get_decoder()(input_ids=inputs["input_ids"],
-                                 attention_mask=inputs.get("attention_mask")).last_hidden_state[:, :-1][mask]
+    hidden = model.get_decoder()(**tokens, use_cache=False).last_hidden_state[:, :-1][mask]
     head = model.get_output_embeddings()
     step = chunk_tokens(head.weight.shape[0])
     if len(targets) <= step:  # one chunk: nothing to free before backward, so no recompute

@@ -23,9 +23,9 @@ from transformers import (PreTrainedModel, PreTrainedTokenizerBase, ProgressCall
 from transformers.integrations import TensorBoardCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .batching import Batching, SeededLengthGroupedSampler, batch_collator, choose, training_rows
 from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
-from .data import collator
 from .errors import Interrupted, raise_interrupted
 from .loss import supervised_loss
 from .memory import peak_memory_mb, reset_peak_memory, return_freed_memory
@@ -53,7 +53,8 @@ class TrainOutcome:
 CHECKPOINTING = {"use_reentrant": False}
 
 
-def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtype) -> TrainingArguments:
+def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtype,
+                       batching: Batching) -> TrainingArguments:
     """Trainer's arguments for one process; under `accelerate launch`, for each of them.
 
     One process drives one device: on a host with several GPUs, Trainer would otherwise count them
@@ -85,6 +86,7 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
         report_to=[name for name in config.loggers if name != "tensorboard"] or "none",  # see `train`
         seed=config.seed,
         data_seed=config.seed,
+        train_sampling_strategy="group_by_length" if batching.name == "grouped" else "random",
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -204,6 +206,14 @@ class SupervisedTokensTrainer(Trainer):
             self.accelerator.scaler = torch.amp.GradScaler(self.accelerator.device.type)
             self.accelerator.native_amp = True
 
+    def _get_train_sampler(self, train_dataset=None):
+        """Length-grouped batches in an order of --seed and the epoch alone (see `batching`)."""
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                          [len(ids) for ids in dataset["input_ids"]], self.args.data_seed)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
@@ -314,15 +324,18 @@ def freed_after_each_block(model: PreTrainedModel):
 def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,
           config: FinetuneConfig, work_dir: Path, checkpoints: Path | None = None, resume_from: Path | None = None,
           trainer_class: type[Trainer] = SupervisedTokensTrainer, logs: Path | None = None,
-          callbacks: Sequence[TrainerCallback] = ()) -> TrainOutcome:
-    """Run Trainer over `dataset`, with `callbacks` besides qsvd's own; Trainer shows the progress bar and logs the loss, also to the
-    --report-to integrations (tensorboard's event files into `logs`, else into `work_dir`).
+          callbacks: Sequence[TrainerCallback] = (), batching: Batching | None = None) -> TrainOutcome:
+    """Run Trainer over `dataset`'s rows in batches made by `batching` (default: as --batching picks
+    for this device), with `callbacks` besides qsvd's own; Trainer shows the progress bar and logs
+    the loss, also to the --report-to integrations (tensorboard's event files into `logs`, else into
+    `work_dir`).
 
     Checkpoints are staged in `work_dir` and published, sealed, in `checkpoints`.
     """
     spec = getattr(model, "qsvd_spec", None)  # None for a model built elsewhere (PEFT's, in the benchmarks): auto
     dtype = compute_dtype(model.device, spec)
-    args = training_arguments(config, work_dir, dtype)
+    batching = batching or choose(config.batching, model.device, dtype)
+    args = training_arguments(config, work_dir, dtype, batching)
     clock = StepClock()
     stop = StopOnSignal()
     callbacks = [clock, stop, *callbacks] + ([SealCheckpoints(checkpoints)] if checkpoints is not None else [])
@@ -330,8 +343,9 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
         tensorboard = TensorBoardCallback()
         tensorboard.logging_dir = str(logs or work_dir / "logs")
         callbacks.append(tensorboard)
-    trainer = trainer_class(model=model, args=args, train_dataset=dataset, data_collator=collator(tokenizer),
-                            processing_class=tokenizer, callbacks=callbacks)
+    trainer = trainer_class(model=model, args=args, train_dataset=training_rows(dataset, batching, config.seq_len),
+                            data_collator=batch_collator(tokenizer, batching), processing_class=tokenizer,
+                            callbacks=callbacks)
     setup_peak = peak_memory_mb(model.device)
     return_freed_memory(collect=True)  # what setup left behind, so the training peak is training's own
     reset_peak_memory(model.device)

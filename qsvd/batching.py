@@ -1,0 +1,120 @@
+"""How tokenized rows become training batches (`--batching`), so that little compute goes to padding.
+
+- padded: a batch of shuffled rows, each padded to the longest (`data.collator`);
+- grouped: the same, with rows of similar length together: Trainer's length-grouped order (mega-batches
+  of 50 batches, each sorted by length), seeded by --seed and the epoch, so that every epoch sees
+  every row once and a resumed run the same order;
+- padding-free: a batch's rows concatenated into one sequence [1, Σ lengths] with no pad token,
+  `position_ids` restarting at each row and each row's first label ignored (no row predicts the
+  next one's first token). transformers builds a block-diagonal causal mask from the restarts (sdpa,
+  eager) or runs flash-attention's varlen kernels, so no row attends to another;
+- packed: whole rows packed best-fit decreasing into sequences of at most --seq-len tokens (no row
+  cut), a batch of them flattened as padding-free.
+
+`auto` takes padding-free where flash-attention 2 runs (a CUDA GPU, a half-precision dtype, the
+flash_attn package) and grouped elsewhere: on a CPU, sdpa's block-diagonal masks cost more than
+the padding they save (benchmarks/throughput.py).
+"""
+
+import bisect
+from typing import NamedTuple
+
+import datasets
+import torch
+from transformers import DataCollatorWithFlattening, PreTrainedTokenizerBase
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.utils import is_flash_attn_2_available
+
+from .data import IGNORE_INDEX, collator
+
+BATCHINGS = ("auto", "padded", "grouped", "padding-free", "packed")
+FLATTENED = ("padding-free", "packed")  # one sequence a batch, rows told apart by position_ids
+
+
+class Batching(NamedTuple):
+    name: str  # one of BATCHINGS but auto
+    why: str  # how it was picked, as `qsvd finetune` says it
+
+    @property
+    def flattened(self) -> bool:
+        return self.name in FLATTENED
+
+    def line(self) -> str:
+        return f"batching: {self.name} ({self.why})"
+
+
+def flash_attention_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether flash-attention 2's varlen kernels can run here: a CUDA GPU, fp16 or bf16, flash_attn installed."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available()
+
+
+def choose(requested: str, device: torch.device, dtype: torch.dtype) -> Batching:
+    """The batching asked for, or for `auto` the fastest for this device."""
+    if requested != "auto":
+        return Batching(requested, "--batching")
+    if flash_attention_runs(device, dtype):
+        return Batching("padding-free", "flash-attention's varlen kernels skip the padding; --batching to choose")
+    return Batching("grouped", f"the fastest measured without flash-attention on {device.type}; --batching to choose")
+
+
+class FlattenRows(DataCollatorWithFlattening):
+    """A batch's rows as one sequence [1, Σ lengths]: `position_ids` restart at each row (or, for
+    packed rows, are their own), and each row's first label is IGNORE_INDEX."""
+
+    def __init__(self):
+        super().__init__(separator_id=IGNORE_INDEX)
+
+    def __call__(self, features, return_tensors=None, separator_id=None):
+        batch = super().__call__(features, return_tensors, separator_id)
+        if "position_ids" in features[0]:
+            batch["position_ids"] = torch.tensor([[p for feature in features for p in feature["position_ids"]]])
+        return batch
+
+
+def batch_collator(tokenizer: PreTrainedTokenizerBase, batching: Batching):
+    return FlattenRows() if batching.flattened else collator(tokenizer)
+
+
+def pack(rows: datasets.Dataset, seq_len: int) -> datasets.Dataset:
+    """Whole rows packed best-fit decreasing into sequences of at most `seq_len` tokens: the longest
+    row first, each into the pack with the least room that still holds it, else into a new one.
+    A pack's labels ignore the first token of each of its rows; its position_ids restart at each."""
+    lengths = [len(ids) for ids in rows["input_ids"]]
+    packs: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens free, pack index), ascending
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        at = bisect.bisect_left(room, (lengths[index], -1))
+        if at == len(room):
+            packs.append([])
+            free, chosen = seq_len, len(packs) - 1
+        else:
+            free, chosen = room.pop(at)
+        packs[chosen].append(index)
+        bisect.insort(room, (free - lengths[index], chosen))
+    input_ids, labels = rows["input_ids"], rows["labels"]
+    return datasets.Dataset.from_dict({
+        "input_ids": [[t for i in pack for t in input_ids[i]] for pack in packs],
+        "labels": [[t for i in pack for t in [IGNORE_INDEX, *labels[i][1:]]] for pack in packs],
+        "position_ids": [[p for i in pack for p in range(lengths[i])] for pack in packs],
+    })
+
+
+def training_rows(rows: datasets.Dataset, batching: Batching, seq_len: int) -> datasets.Dataset:
+    """What Trainer iterates over: the rows, or for `packed` their packs."""
+    return pack(rows, seq_len) if batching.name == "packed" else rows
+
+
+class SeededLengthGroupedSampler(LengthGroupedSampler):
+    """Trainer's length-grouped order, drawn from `seed` and the epoch alone (Trainer's own draws from
+    the global generator), so that every process, and a run resumed after a kill, sees the same."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()

@@ -23,7 +23,8 @@ from transformers import (PreTrainedModel, PreTrainedTokenizerBase, ProgressCall
 from transformers.integrations import TensorBoardCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .batching import Batching, SeededLengthGroupedSampler, batch_collator, choose, training_rows
+from .batching import (Batching, SeededLengthGroupedSampler, batch_collator, choose, flash_attention_runs,
+                       training_rows)
 from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
 from .errors import Interrupted, raise_interrupted
@@ -207,12 +208,13 @@ class SupervisedTokensTrainer(Trainer):
             self.accelerator.native_amp = True
 
     def _get_train_sampler(self, train_dataset=None):
-        """Length-grouped batches in an order of --seed and the epoch alone (see `batching`)."""
+        """Length-grouped batches in an order of --seed and the epoch alone (see `batching`), grouped
+        by the global batch, which each process takes its share of: so N processes see one's order."""
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return SeededLengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                          [len(ids) for ids in dataset["input_ids"]], self.args.data_seed)
+        global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        return SeededLengthGroupedSampler(global_batch, [len(ids) for ids in dataset["input_ids"]], self.args.data_seed)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -335,6 +337,8 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     spec = getattr(model, "qsvd_spec", None)  # None for a model built elsewhere (PEFT's, in the benchmarks): auto
     dtype = compute_dtype(model.device, spec)
     batching = batching or choose(config.batching, model.device, dtype)
+    if batching.flattened and flash_attention_runs(model.device, dtype):
+        model.set_attn_implementation("flash_attention_2")  # its varlen kernels, not sdpa's block-diagonal mask
     args = training_arguments(config, work_dir, dtype, batching)
     clock = StepClock()
     stop = StopOnSignal()

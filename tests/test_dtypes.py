@@ -18,11 +18,14 @@ from qsvd.methods import METHODS
 from qsvd.devices import DTYPES, compute_dtype
 from qsvd.methods import make_spec
 from qsvd.split import adapter_layers, find_targets
+from qsvd.batching import Batching
 from conftest import char_tokenizer, tiny_model
 
 DTYPE_NAMES = ["bf16", "fp16"]
 TOLERANCE = {name: 10 * torch.finfo(DTYPES[name]).eps for name in DTYPE_NAMES}  # on logits below 1, after 2 blocks
 IDS = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+
+PADDED = Batching("padded", "--batching")
 
 
 def prepared(method, dtype, bits=4, **options):
@@ -81,9 +84,13 @@ def one_row_data(tmp_path_factory):
     return path
 
 
+BATCHING = {"bf16": "packed", "fp16": "padding-free"}  # the flattened batches in each dtype (fp32's default: grouped)
+
+
 def run_options(model_dir, data, output, dtype, method):
     return dict(model=str(model_dir), method=method, dtype=dtype, rank=4, batch_size=2, max_steps=3, lr=2e-2,
-                warmup_ratio=0.0, data=str(data), save_steps=1, output=str(output), seq_len=128)
+                warmup_ratio=0.0, data=str(data), save_steps=1, output=str(output), seq_len=128,
+                batching=BATCHING[dtype])
 
 
 def killed_after_step(step, monkeypatch):
@@ -106,6 +113,7 @@ def test_every_method_trains_resumes_evaluates_and_exports_in_the_dtype(method, 
     trained = qsvd.finetune(**options).model
     record = json.loads((tmp_path / "run" / "qsvd_config.json").read_text())
     assert record["compute_dtype"] == str(DTYPES[dtype]).removeprefix("torch.") and record["spec"]["dtype"] == dtype
+    assert record["batching"] == BATCHING[dtype]
     losses = [entry["loss"] for entry in map(json.loads, (tmp_path / "run" / "train_log.jsonl").read_text().splitlines())
               if "loss" in entry]
     assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses))) and losses[2] < losses[0], losses
@@ -140,6 +148,6 @@ def test_fp16_trains_with_a_gpus_loss_scaler_and_autocast_on_this_cpu(tmp_path):
     from qsvd.train import SupervisedTokensTrainer, training_arguments
 
     model = prepared("edora", "fp16")
-    trainer = SupervisedTokensTrainer(model=model, args=training_arguments(FinetuneConfig(), tmp_path, torch.float16))
+    trainer = SupervisedTokensTrainer(model=model, args=training_arguments(FinetuneConfig(), tmp_path, torch.float16, PADDED))
     assert isinstance(trainer.accelerator.scaler, torch.amp.GradScaler) and trainer.accelerator.scaler.is_enabled()
     assert trainer.accelerator.native_amp and trainer.accelerator.mixed_precision == "fp16"

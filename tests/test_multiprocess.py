@@ -28,10 +28,10 @@ from conftest import fake_gpus
 CHUNK_TOKENS = 16  # the loss's chunk in these runs: a few chunks a step
 
 
-def run_args(model_dir, output, batch_size, method, dtype="fp32"):
+def run_args(model_dir, output, batch_size, method, dtype="fp32", batching="auto"):
     return ["finetune", "--model", str(model_dir), "--output", str(output), "--method", method, "--bits", "4",
             "--rank", "4", "--batch-size", str(batch_size), "--max-steps", "4", "--save-steps", "2", "--lr", "3e-2",
-            "--dtype", dtype]
+            "--dtype", dtype, "--batching", batching, "--max-rows", "40"]
 
 
 def spy_on_processes(directory):
@@ -78,14 +78,17 @@ def spy_on_processes(directory):
 
 # lora: a random init, which every process must share. In bf16 the adapters are not compared:
 # Adam's normalised step turns bf16's rounding of near-zero gradients into steps of full size.
-@pytest.mark.parametrize("method, dtype, tolerance", [("edora", "fp32", 1e-5), ("lora", "bf16", 1e-3)])
-def test_two_processes_train_what_one_process_trains_on_the_same_global_batch(method, dtype, tolerance, tiny_model_dir,
-                                                                               tmp_path, monkeypatch):
+# Batches: length-grouped (auto on a CPU), whose order must not depend on the process count; packed.
+@pytest.mark.parametrize("method, dtype, tolerance, batching", [("edora", "fp32", 1e-5, "auto"),
+                                                                ("lora", "bf16", 1e-3, "packed")])
+def test_two_processes_train_what_one_process_trains_on_the_same_global_batch(method, dtype, tolerance, batching,
+                                                                               tiny_model_dir, tmp_path, monkeypatch):
     """Two gloo processes take qsvd's loss through DDP's forward, as one process takes it: the
     head sees a chunk of rows at a time, under the same autocast (bf16's: on), and the losses,
     gradient norms and (fp32) adapter are one process's on the same global batch. The process
     group waits hours, not NCCL's 10 minutes, and DDP sends no buffers."""
-    args = {size: run_args(tiny_model_dir, tmp_path / run, size, method, dtype) for run, size in (("one", 4), ("two", 2))}
+    args = {size: run_args(tiny_model_dir, tmp_path / run, size, method, dtype, batching)
+            for run, size in (("one", 4), ("two", 2))}
     spy_on_processes(tmp_path / "spy")
     env = os.environ | {"PYTHONPATH": str(tmp_path / "spy")}
     two = subprocess.run([sys.executable, "-m", "qsvd", *args[2], "--num-processes", "2"],

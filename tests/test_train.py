@@ -13,7 +13,10 @@ from qsvd.split import adapter_state
 from qsvd import loss
 from qsvd.loss import row_log_likelihoods
 from qsvd.train import supervised_loss, train
+from qsvd.batching import Batching
 from conftest import char_tokenizer, tiny_model
+
+PADDED = Batching("padded", "--batching")
 
 
 def test_supervised_loss_equals_the_models_loss():
@@ -80,8 +83,9 @@ def test_supervised_tokens_trainer_trains_as_trainer_does(grad_accum, tmp_path, 
     model = qsvd.prepare(tiny_model(), "lora", bits=16, rank=4, device="cpu", progress=False)
     ours, theirs = model, copy.deepcopy(model)
     initial = {name: tensor.clone() for name, tensor in adapter_state(model).items()}
-    ours_outcome = train(ours, tokenizer, dataset, config, tmp_path / "ours")
-    theirs_outcome = train(theirs, tokenizer, dataset, config, tmp_path / "theirs", trainer_class=Trainer)
+    ours_outcome = train(ours, tokenizer, dataset, config, tmp_path / "ours", batching=PADDED)
+    theirs_outcome = train(theirs, tokenizer, dataset, config, tmp_path / "theirs", trainer_class=Trainer,
+                           batching=PADDED)
     assert ours_outcome.final_loss == pytest.approx(theirs_outcome.final_loss, rel=1e-5)
     for name, tensor in adapter_state(theirs).items():
         assert torch.allclose(adapter_state(ours)[name], tensor, rtol=1e-4, atol=1e-6), name
@@ -109,7 +113,7 @@ def test_the_compute_dtype_and_loss_scaling_follow_the_gpu_unless_asked(capabili
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)  # no GPU here
     assert compute_dtype(torch.device("cuda"), make_spec("edora", 16, dtype=requested)) == dtype
-    args = training_arguments(FinetuneConfig(dtype=requested), tmp_path, dtype)
+    args = training_arguments(FinetuneConfig(dtype=requested), tmp_path, dtype, PADDED)
     assert (args.fp16, args.bf16) == (dtype == torch.float16, dtype == torch.bfloat16)  # fp16: a GradScaler
     assert compute_dtype(torch.device("cpu"), make_spec("edora", 16, dtype="auto")) == torch.float32
 

@@ -8,7 +8,9 @@ supervised positions only and the output head runs over `chunk_tokens(V)` of the
 chunk's lm_head + cross-entropy under activation checkpointing: its logits are freed as soon as its
 loss is summed and recomputed in backward, so a step holds one chunk of logits (as torchtune's
 chunked cross-entropy and Liger's fused linear cross-entropy do, by recomputation rather than a
-fused kernel). A batch that fits in one chunk takes a single pass, without the recompute.
+fused kernel). A batch whose logits fill at most `ONE_PASS_CHUNKS` chunks takes a single pass,
+without the recompute: on SmolLM2 (vocabulary 49,152) the head is a fifth of a step's compute, and
+recomputing it cost a quarter of the step for a saving of one small chunk.
 """
 
 import torch
@@ -19,11 +21,19 @@ from transformers import PreTrainedModel
 from .data import IGNORE_INDEX
 
 LOGIT_CHUNK_BYTES = 128 * 2**20  # the fp32 logits of one chunk: 261 tokens of Llama 3's 128,256, 1,048 of Llama 2's 32,000
+ONE_PASS_CHUNKS = 2  # logits of up to this many chunks are taken in one pass, without the recompute
 
 
 def chunk_tokens(vocab_size: int) -> int:
     """Supervised tokens per chunk: as many as `LOGIT_CHUNK_BYTES` of fp32 logits hold."""
     return max(1, LOGIT_CHUNK_BYTES // (4 * vocab_size))
+
+
+def held_logit_tokens(tokens: int, vocab_size: int) -> int:
+    """How many of a batch's `tokens` supervised tokens have their logits held at once: all of them
+    in one pass when they fill at most ONE_PASS_CHUNKS chunks, else one chunk."""
+    step = chunk_tokens(vocab_size)
+    return tokens if tokens <= ONE_PASS_CHUNKS * step else step
 
 
 def supervised_token_losses(model: PreTrainedModel, inputs: dict[str, torch.Tensor],
@@ -43,8 +53,8 @@ def supervised_token_losses(model: PreTrainedModel, inputs: dict[str, torch.Tens
         return F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction=reduction), mask
     hidden = model.get_decoder()(**tokens, use_cache=False).last_hidden_state[:, :-1][mask]
     head = model.get_output_embeddings()
-    step = chunk_tokens(head.weight.shape[0])
-    if len(targets) <= step:  # one chunk: nothing to free before backward, so no recompute
+    step = held_logit_tokens(len(targets), head.weight.shape[0])
+    if step == len(targets):  # one pass: nothing freed before backward, so nothing recomputed
         return head_cross_entropy(head, hidden, targets, reduction), mask
     losses = [checkpoint(head_cross_entropy, head, hidden[start:start + step], targets[start:start + step],
                          reduction, use_reentrant=False, preserve_rng_state=False)

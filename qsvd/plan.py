@@ -11,9 +11,11 @@ target layers' shapes are exact for any architecture. The parts, in bytes:
   checkpointing every block's working set); then the larger of two working sets that a step never
   holds together: one block's (recomputed under gradient checkpointing; on a CPU with the attention
   scores, which GPU kernels never hold whole) with the largest quantized layer's weight dequantized
-  for its matmul, and the loss's, one chunk of the supervised tokens' logits in fp32 as their
-  log-softmax, its gradient and the logits' gradient (`loss.chunk_tokens`; all of them for a model
-  whose logits are not lm_head(hidden));
+  for its matmul, and the loss's: the supervised tokens' logits in fp32 that a step holds at once
+  (`loss.held_logit_tokens`: all of them in one pass, else one chunk; all of them for a model whose
+  logits are not lm_head(hidden)), as their log-softmax and its gradient, and in a chunk's
+  recompute (or beside the model's own logits) the logits' gradient too: two copies at the peak of one
+  pass, three otherwise, as measured on this CPU;
 - the split's workspace while the model is prepared: a few fp32 copies of the largest layer, and
   one shard of the prepared model serialized in memory as it is written; `finetune` holds the
   prepared model beside it ("preparation total"), `qsvd init` streams it to disk, reading the
@@ -43,7 +45,7 @@ from .devices import dtype_rule
 from .errors import QSVDError
 from .export import SHARD_SIZE
 from .load import model_from_config, read_model_config
-from .loss import chunk_tokens, plain_logits
+from .loss import held_logit_tokens, plain_logits
 from .memory import status_mb
 from .methods import METHODS, make_spec
 from .prepared import SHARD_BYTES
@@ -140,8 +142,10 @@ def budget(setup: Setup) -> dict[str, float]:
     parts["activations"] = blocks * tokens * hidden * dtype_bytes + \
         (0 if setup.gradient_checkpointing else blocks * block_working_set)  # what every block keeps for backward
     parts["block working set"] = dequantized + (block_working_set if setup.gradient_checkpointing else 0)
-    logit_tokens = min(tokens, chunk_tokens(config.vocab_size)) if plain_logits(model) else tokens
-    parts["logits"] = 3 * logit_tokens * config.vocab_size * 4  # log-softmax, its gradient, the logits' gradient
+    one_pass = plain_logits(model) and held_logit_tokens(tokens, config.vocab_size) == tokens
+    logit_tokens = held_logit_tokens(tokens, config.vocab_size) if plain_logits(model) else tokens
+    copies = 2 if one_pass else 3  # a chunk's recompute, or the model's own logits, hold one more
+    parts["logits"] = copies * logit_tokens * config.vocab_size * 4  # log-softmax, its gradient, the logits' gradient
     working_set = max(parts["block working set"], parts["logits"])  # never live together
     split_copies = SPLIT_COPIES * 4 * largest
     parts["split workspace"] = split_copies + min(parts["frozen targets"] + parts["adapter"], SHARD_BYTES)

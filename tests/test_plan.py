@@ -31,10 +31,12 @@ def test_parts_equal_a_prepared_model(method, tiny_model_dir):
 
 def test_plan_holds_one_chunk_of_logits_unless_the_model_changes_its_logits(tmp_path):
     """Llama 3 at 2048 tokens: 261 tokens' logits (128 MiB in fp32) as their log-softmax, its gradient
-    and the logits' gradient, not 2048; Gemma 2 soft-caps its logits, so its loss takes them whole."""
+    and the logits' gradient, not 2048; at up to two chunks' tokens (522) one pass, which holds all
+    of them as two copies; Gemma 2 soft-caps its logits, so its loss takes them whole."""
     llama3 = budget(Setup(model="llama3-8b", batch_size=1, seq_len=2048))
     assert llama3["logits"] == 3 * 261 * 128256 * 4
-    assert budget(Setup(model="llama3-8b", batch_size=1, seq_len=200))["logits"] == 3 * 200 * 128256 * 4
+    assert budget(Setup(model="llama3-8b", batch_size=1, seq_len=522))["logits"] == 2 * 522 * 128256 * 4
+    assert budget(Setup(model="llama3-8b", batch_size=1, seq_len=523))["logits"] == 3 * 261 * 128256 * 4
     Gemma2Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16).save_pretrained(tmp_path)
     assert budget(Setup(model=str(tmp_path), batch_size=1, seq_len=2048))["logits"] == 3 * 2048 * 1000 * 4

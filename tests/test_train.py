@@ -70,6 +70,12 @@ def test_chunked_loss_has_the_models_loss_and_gradients_with_one_chunk_of_logits
         sums, counts = row_log_likelihoods(model, inputs)
     assert torch.equal(counts, expected_rows[1]) and torch.allclose(sums, expected_rows[0], rtol=1e-6)
 
+    force_chunks(monkeypatch, 17)  # 34 tokens fill two chunks: one pass, the head never recomputed
+    head_rows.clear()
+    one_pass = supervised_loss(model, inputs)
+    torch.autograd.grad(one_pass, trainable)
+    assert head_rows == [34] and torch.allclose(one_pass, expected, rtol=1e-6, atol=0)
+
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_supervised_tokens_trainer_trains_as_trainer_does(grad_accum, tmp_path, monkeypatch):

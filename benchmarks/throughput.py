@@ -166,7 +166,7 @@ def main() -> None:
         write_rows(Path(args.data), 32 if args.quick else args.rows)
         args.tokens = supervised_tokens(args.model, args.data)
         runs = ([f"{method}:{batching}" for method in METHODS for batching in QSVD_BATCHINGS] if not args.quick else
-                [f"lora:padded", f"edora:padded", f"lora:{default}", f"edora:{default}"])
+                ["lora:padded", "edora:padded", f"lora:{default}", f"edora:{default}"])
         runs = list(dict.fromkeys(runs)) + list(TRL_MODES)
         results = {name: measure(name, args, work) for name in runs} | {"tokens": args.tokens}
         print(f"{args.tokens:,} supervised tokens a run; {torch.get_num_threads()} threads; default: {default}",

@@ -103,6 +103,13 @@ def split_options(command):
 @click.option("--eval-data", multiple=True, help="Evaluate the trained model on this file at the end (repeatable); see `qsvd eval`.")
 @click.option("--eval-task", type=click.Choice(EVAL_TASKS), help="Task for --eval-data (default: chosen by the data, as `qsvd eval` does).")
 @click.option("--eval-split", help="The split of a hub dataset (or saved DatasetDict) in --eval-data (default test).")
+@click.option("--eval-steps", type=int, help="Also score each --eval-data file's held-out loss (answer NLL, or "
+                                             "perplexity's for text) every N steps, into the log and loss.png.")
+@click.option("--eval-rows", type=int, help=f"Rows of each --eval-data file that --eval-steps scores (default {DEFAULT.eval_rows}).")
+@click.option("--early-stopping", type=int, help="Stop after N --eval-steps evaluations without a lower held-out loss "
+                                                 "(of the first --eval-data file).")
+@click.option("--keep-best", is_flag=True, default=None, help="Publish the adapter of the --eval-steps evaluation with the "
+                                                              "lowest held-out loss (of the first --eval-data file).")
 @click.option("--report-to", help="Log to tensorboard, wandb, trackio or mlflow (comma-separated), through Trainer's "
                                   "own integrations; tensorboard logs go to the run's logs/ (default none).")
 @click.option("--save-steps", type=int, help=f"Save a checkpoint every N steps, beside --output until the run finishes (default {DEFAULT.save_steps}).")

@@ -47,6 +47,10 @@ class FinetuneConfig:
     eval_data: list[str] | None = None  # data to evaluate on after training
     eval_task: str | None = None  # gen, choice or ppl; default: chosen by each file's rows
     eval_split: str | None = None  # the split of a hub dataset (or saved DatasetDict) in eval_data; default test
+    eval_steps: int | None = None  # also score each eval_data file's held-out loss every this many steps
+    eval_rows: int = 200  # rows of each eval_data file that --eval-steps scores
+    early_stopping: int | None = None  # stop after this many --eval-steps evaluations without a lower held-out loss
+    keep_best: bool = False  # publish the adapter of the --eval-steps evaluation with the lowest held-out loss
     report_to: str | list[str] = "none"  # tensorboard, wandb, trackio, mlflow, comma-separated (Trainer's integrations)
     max_steps: int | None = None
     epochs: float | None = None  # default: 1 when max_steps is not set
@@ -101,8 +105,14 @@ class FinetuneConfig:
         self.spec()  # checks method, bits, rank, alpha, dropout, core_init, refine_iters, svd_niter, dtype
         positive = {"lr": self.lr, "init-lr": self.init_lr, "batch-size": self.batch_size, "grad-accum": self.grad_accum,
                     "seq-len": self.seq_len, "max-steps": self.max_steps, "epochs": self.epochs,
-                    "grad-samples": self.grad_samples, "save-steps": self.save_steps, "max-rows": self.max_rows}
+                    "grad-samples": self.grad_samples, "save-steps": self.save_steps, "max-rows": self.max_rows,
+                    "eval-steps": self.eval_steps, "eval-rows": self.eval_rows, "early-stopping": self.early_stopping}
         check_positive(positive)
+        if self.eval_steps and not self.eval_data:
+            raise QSVDError("--eval-steps scores the --eval-data files: give at least one")
+        for flag, given in (("--early-stopping", self.early_stopping), ("--keep-best", self.keep_best)):
+            if given and not self.eval_steps:
+                raise QSVDError(f"{flag} follows the held-out loss that --eval-steps N scores: give --eval-steps")
         if self.max_steps is not None and self.epochs is not None:
             raise QSVDError("give --max-steps or --epochs, not both")
         self.loggers  # checks --report-to

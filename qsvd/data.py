@@ -312,6 +312,28 @@ def collator(tokenizer: PreTrainedTokenizerBase) -> DataCollatorForSeq2Seq:
                                   return_tensors="pt")
 
 
+def text_windows(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int) -> list[dict[str, list[int]]]:
+    """The texts, joined by the end-of-text token, cut into windows of `seq_len` tokens (of at least
+    2), every token of each supervised: the rows of a perplexity."""
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    windows = [stream[start:start + seq_len] for start in range(0, len(stream), seq_len)]
+    return [{"input_ids": window, "labels": window} for window in windows if len(window) > 1]
+
+
+def held_out_rows(rows: datasets.Dataset, source: str, tokenizer: PreTrainedTokenizerBase, seq_len: int,
+                  max_rows: int) -> datasets.Dataset:
+    """The first `max_rows` rows tokenized for a held-out loss during training: text as perplexity
+    windows, other rows as training rows (NLL of the answer, a long one cut to `seq_len`)."""
+    rows = rows.select(range(min(max_rows, len(rows))))
+    if "text" in rows.column_names:
+        return datasets.Dataset.from_list(text_windows([text_of(text, "text") for text in rows["text"]], tokenizer,
+                                                       seq_len)[:max_rows])
+    return tokenize_rows(TrainingRows(rows, detect_shape(rows.column_names, source), source), tokenizer, seq_len,
+                         truncate=True).rows
+
+
 def first_batches(dataset: datasets.Dataset, collate, samples: int, batch_size: int, seed: int) -> list[dict]:
     """`samples` rows (shuffled by `seed`) as batches made by `collate`, e.g. for LoRA-SB's gradient estimate."""
     rows = dataset.shuffle(seed=seed).select(range(min(samples, len(dataset))))

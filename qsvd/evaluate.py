@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .config import check_positive
 from .console import console
 from .data import (IGNORE_INDEX, Shape, collator, detect_shape, malformed_row, pick_task, prompt_and_completion,
-                   read_eval_rows, row_options, to_chat, tokenize, tokenize_prompt)
+                   read_eval_rows, row_options, text_windows, to_chat, tokenize, tokenize_prompt)
 from .errors import QSVDError
 from .files import publish
 from .load import load_tokenizer, resolve_model
@@ -271,14 +271,9 @@ def text_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          seq_len: int, batch_size: int) -> list[dict]:
     """The texts, joined by the end-of-text token, cut into windows of `seq_len` tokens; each
     window's Σ log p of its tokens after the first, and their count."""
-    stream = []
-    for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    windows = [stream[start:start + seq_len] for start in range(0, len(stream), seq_len)]
-    windows = [window for window in windows if len(window) > 1]
-    if not windows:
+    rows = text_windows(texts, tokenizer, seq_len)
+    if not rows:
         raise QSVDError("the text for --task ppl has fewer than 2 tokens")
-    rows = [{"input_ids": window, "labels": window} for window in windows]
     return token_log_likelihoods(model, tokenizer, rows, batch_size, "perplexity")
 
 

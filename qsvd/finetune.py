@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import datasets
 from torch import nn
 from transformers import PreTrainedTokenizerBase, set_seed
 
@@ -17,7 +18,7 @@ from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_di
 from .config import FinetuneConfig
 from .console import console
 from .batching import Batching, batch_collator, choose
-from .data import TrainingRows, eval_sets, first_batches, tokenize_rows, training_rows
+from .data import TrainingRows, eval_sets, first_batches, held_out_rows, tokenize_rows, training_rows
 from .devices import compute_dtype, default_device
 from .distributed import processes
 from .errors import Interrupted, QSVDError, first_line, is_disk_full, out_of_memory_advice
@@ -87,6 +88,7 @@ def recipe(config: FinetuneConfig, state, start: float) -> RunSummary:
         resume_from, training, evaluations, files, tokenizer = check_inputs(config)
     tokenized = tokenize_rows(training, tokenizer, config.seq_len, config.truncate)
     dataset = tokenized.rows
+    held_out = held_out_sets(evaluations, tokenizer, config) if config.eval_steps else None
     console.print(f"{tokenized.line()}; method {config.method}, {config.bits}-bit frozen base, "
                   f"rank {config.rank}, lr {config.learning_rate:g}")
 
@@ -106,7 +108,11 @@ def recipe(config: FinetuneConfig, state, start: float) -> RunSummary:
     #    (by the main process; the others wait until it is published)
     work = start_work_dir(config, output) if state.is_main_process else work_dir(output)
     try:
-        outcome = train_with_advice(model, tokenizer, dataset, config, work, resume_from, batching)
+        outcome = train_with_advice(model, tokenizer, dataset, config, work, resume_from, batching, held_out)
+        if outcome.best is not None:  # --keep-best
+            model.load_state_dict(outcome.best_adapter, strict=False)
+            console.print(f"keeping the adapter of step {outcome.best['step']} ({outcome.best['metric']} "
+                          f"{outcome.best['value']:.4f})")
         setup_seconds = (outcome.first_step_start or time.perf_counter()) - start
         if state.is_main_process:
             record = {"config": config.resolved(), "batching": batching.name, "processes": state.num_processes, "model_path": str(files.config_dir),
@@ -118,7 +124,7 @@ def recipe(config: FinetuneConfig, state, start: float) -> RunSummary:
                       "median_step_seconds": statistics.median(outcome.step_seconds or [float("nan")]),
                       "setup_peak_memory_mb": outcome.setup_peak_memory_mb,
                       "train_peak_memory_mb": outcome.train_peak_memory_mb,
-                      "peak_memory_mb": outcome.peak_memory_mb, "eval": {}}
+                      "peak_memory_mb": outcome.peak_memory_mb, "best": outcome.best, "eval": {}}
             publish(output, lambda stage: write_run_files(stage, model, tokenizer, evaluations, record, outcome, work))
             remove(work)
         state.wait_for_everyone()
@@ -195,15 +201,27 @@ def model_files(config: FinetuneConfig) -> tuple[ModelFiles, PreTrainedTokenizer
     return files, load_tokenizer(files, config.trust_remote_code)
 
 
+def held_out_sets(evaluations: list, tokenizer, config: FinetuneConfig) -> dict[str, datasets.Dataset]:
+    """--eval-steps: the first --eval-rows rows of each --eval-data file, tokenized for their loss,
+    by the file's name (its stem, numbered when two files share one)."""
+    sets = {}
+    for path, rows, _ in evaluations:
+        name = path.stem if path.stem not in sets else f"{path.stem}-{len(sets) + 1}"
+        sets[name] = held_out_rows(rows, f"--eval-data {path}", tokenizer, config.seq_len, config.eval_rows)
+        if len(sets[name]) == 0:
+            raise QSVDError(f"--eval-data {path} has no row to score a held-out loss on")
+    return sets
+
+
 def train_with_advice(model: nn.Module, tokenizer, dataset, config: FinetuneConfig, work: Path,
-                      resume_from: Path | None, batching: Batching):
+                      resume_from: Path | None, batching: Batching, held_out: dict | None):
     """`train`, with a diverged loss or running out of memory told as what to do next."""
     advice = (f"start over (--overwrite) with --batch-size {max(1, config.batch_size // 2)} --grad-accum "
               f"{config.grad_accum * 2} (the same effective batch), a shorter --seq-len, or --bits 4")
     try:
         with out_of_memory_advice("training", advice):
             return train(model, tokenizer, dataset, config, work / "trainer", work / CHECKPOINTS, resume_from,
-                         logs=work / LOGS, batching=batching)
+                         logs=work / LOGS, batching=batching, held_out=held_out)
     except NonFiniteLoss as error:
         raise QSVDError(f"training stopped: {error} (lr {config.learning_rate:g}); "
                         f"{continuation(work, 'a lower --lr')}") from None

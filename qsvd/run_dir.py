@@ -6,7 +6,7 @@ A run directory holds
   the compute dtype and the adapter file's sha256: all that `load_run` and `qsvd export` need
   to rebuild or convert the model without any SVD;
 - train_log.jsonl: Trainer's log, one entry a line;
-- loss.png: the training loss against the step (and the --eval-data scores);
+- loss.png: the training loss against the step (and the --eval-steps held-out losses, the --eval-data scores);
 - logs/: with --report-to tensorboard, its event files.
 """
 
@@ -48,7 +48,8 @@ def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dic
 
 
 def plot_losses(path: Path, log_history: list[dict], evals: dict[str, dict]) -> None:
-    """The training loss against the step, and each evaluation's score at the last step."""
+    """The training loss against the step, each --eval-steps held-out loss, and each --eval-data
+    score at the last step."""
     from matplotlib.figure import Figure  # no pyplot: no display or global state needed
 
     steps = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
@@ -56,6 +57,9 @@ def plot_losses(path: Path, log_history: list[dict], evals: dict[str, dict]) -> 
     axes = figure.subplots()
     if steps:
         axes.plot(*zip(*steps), label="training loss")
+    for metric in dict.fromkeys(key for entry in log_history for key in entry if held_out_loss(key)):
+        axes.plot(*zip(*[(entry["step"], entry[metric]) for entry in log_history if metric in entry]), "o-",
+                  label=f"held-out loss: {metric.removeprefix('eval_').removesuffix('_loss')}")
     axes.set(xlabel="step", ylabel="loss", title="training loss")
     if evals:
         scores = axes.twinx()
@@ -67,6 +71,11 @@ def plot_losses(path: Path, log_history: list[dict], evals: dict[str, dict]) -> 
         scores.legend(loc="upper right")
     axes.legend(loc="upper left")
     figure.savefig(path, dpi=100)
+
+
+def held_out_loss(key: str) -> bool:
+    """Whether a log entry's key is an --eval-steps held-out loss (Trainer's eval_NAME_loss)."""
+    return key.startswith("eval_") and key.endswith("_loss")
 
 
 def is_run(path: Path) -> bool:

@@ -18,8 +18,8 @@ import datasets
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (PreTrainedModel, PreTrainedTokenizerBase, ProgressCallback, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import (EarlyStoppingCallback, PreTrainedModel, PreTrainedTokenizerBase, ProgressCallback, Trainer,
+                          TrainerCallback, TrainingArguments)
 from transformers.integrations import TensorBoardCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -34,6 +34,7 @@ from .devices import compute_dtype
 from .split import adapter_state
 
 CHECKPOINT_ADAPTER = "adapter.safetensors"
+BEST_ADAPTER = "best_adapter.safetensors"  # in a checkpoint, with --keep-best
 
 
 @dataclass
@@ -45,6 +46,8 @@ class TrainOutcome:
     setup_peak_memory_mb: float  # before training: load, split, quantize, any gradient estimate
     train_peak_memory_mb: float  # during training alone
     log_history: list[dict]
+    best: dict | None = None  # --keep-best: {"step", "metric", "value"} of the best evaluation
+    best_adapter: dict[str, torch.Tensor] | None = None  # the adapter at that evaluation
 
     @property
     def peak_memory_mb(self) -> float:
@@ -54,8 +57,14 @@ class TrainOutcome:
 CHECKPOINTING = {"use_reentrant": False}
 
 
-def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtype,
-                       batching: Batching) -> TrainingArguments:
+def held_out_metric(names: Sequence[str]) -> str:
+    """What --early-stopping and --keep-best follow: the first --eval-data file's held-out loss, as
+    Trainer names it."""
+    return f"eval_{names[0]}_loss"
+
+
+def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtype, batching: Batching,
+                       held_out: Sequence[str] = ()) -> TrainingArguments:
     """Trainer's arguments for one process; under `accelerate launch`, for each of them.
 
     One process drives one device: on a host with several GPUs, Trainer would otherwise count them
@@ -65,6 +74,9 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
     the same frozen factors and statistics, built or loaded from one prepared model, and they never
     change, so re-sending them each forward (160 MB a micro-batch at 7B) would only cost time; and
     it looks for no unused parameters, which would cost a walk of the graph every step.
+
+    With `held_out` sets (named as Trainer's eval_dataset), Trainer scores their loss every
+    --eval-steps and tracks the lowest of the first (state.best_metric, kept in checkpoints).
     """
     args = TrainingArguments(
         output_dir=str(work_dir),
@@ -93,6 +105,13 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
         dataloader_pin_memory=torch.cuda.is_available(),
         ddp_broadcast_buffers=False,
         ddp_find_unused_parameters=False,  # every adapter takes part in every forward
+        eval_strategy="steps" if held_out else "no",
+        eval_steps=config.eval_steps,
+        per_device_eval_batch_size=config.batch_size,
+        prediction_loss_only=True,
+        metric_for_best_model=held_out_metric(held_out) if held_out else None,
+        greater_is_better=False,
+        restore_callback_states_from_checkpoint=True,  # --early-stopping's patience
     )
     args._n_gpu = min(args.n_gpu, 1)
     return args
@@ -182,6 +201,26 @@ def agreed(flag: bool, device: torch.device) -> bool:
     return bool(votes.item())
 
 
+class KeepBest(TrainerCallback):
+    """--keep-best: the adapter at the evaluation with the lowest held-out loss, kept in memory and
+    in every checkpoint after it (so that a resumed run keeps it too). Trainer tracks the lowest
+    value (state.best_metric, state.best_global_step) once this evaluation's callbacks have run."""
+
+    def __init__(self, resume_from: Path | None):
+        saved = resume_from / BEST_ADAPTER if resume_from else None
+        self.tensors = load_file(saved) if saved and saved.is_file() else None
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        value = (metrics or {}).get(args.metric_for_best_model)
+        if value is not None and (state.best_metric is None or value < state.best_metric):
+            self.tensors = {name: tensor.detach().to("cpu", copy=True) for name, tensor in adapter_state(model).items()}
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.tensors is not None and args.should_save:
+            save_file(self.tensors, Path(args.output_dir) / f"checkpoint-{state.global_step}" / BEST_ADAPTER,
+                      metadata={"format": "pt"})
+
+
 class NonFiniteLoss(Exception):
     """Training produced a NaN or infinite loss."""
 
@@ -238,9 +277,8 @@ class SupervisedTokensTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`supervised_loss`, called as the model's forward: through DDP's forward when DDP wraps the
         model (its gradient hooks need it), and under the accelerator's autocast in one process as in
-        many (accelerate puts autocast around the model's own forward, which this replaces)."""
-        if return_outputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        many (accelerate puts autocast around the model's own forward, which this replaces). An
+        evaluation takes the same loss, with no logits kept."""
         # normalised by the accumulated batch's token count exactly when Trainer's default would be
         scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
         inner = self.accelerator.unwrap_model(model)
@@ -252,7 +290,7 @@ class SupervisedTokensTrainer(Trainer):
             loss = model(**inputs)
         if self.args.average_tokens_across_devices and scaled:
             loss = loss * self.accelerator.num_processes
-        return loss
+        return (loss, {}) if return_outputs else loss  # an evaluation's outputs: its loss alone
 
 
 @contextmanager
@@ -326,11 +364,13 @@ def freed_after_each_block(model: PreTrainedModel):
 def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,
           config: FinetuneConfig, work_dir: Path, checkpoints: Path | None = None, resume_from: Path | None = None,
           trainer_class: type[Trainer] = SupervisedTokensTrainer, logs: Path | None = None,
-          callbacks: Sequence[TrainerCallback] = (), batching: Batching | None = None) -> TrainOutcome:
+          callbacks: Sequence[TrainerCallback] = (), batching: Batching | None = None,
+          held_out: dict[str, datasets.Dataset] | None = None) -> TrainOutcome:
     """Run Trainer over `dataset`'s rows in batches made by `batching` (default: as --batching picks
     for this device), with `callbacks` besides qsvd's own; Trainer shows the progress bar and logs
     the loss, also to the --report-to integrations (tensorboard's event files into `logs`, else into
-    `work_dir`).
+    `work_dir`). Every --eval-steps it scores each `held_out` set's loss (--early-stopping and
+    --keep-best follow the first).
 
     Checkpoints are staged in `work_dir` and published, sealed, in `checkpoints`.
     """
@@ -339,17 +379,20 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     batching = batching or choose(config.batching, model.device, dtype)
     if batching.flattened and flash_attention_runs(model.device, dtype):
         model.set_attn_implementation("flash_attention_2")  # its varlen kernels, not sdpa's block-diagonal mask
-    args = training_arguments(config, work_dir, dtype, batching)
+    args = training_arguments(config, work_dir, dtype, batching, list(held_out or ()))
     clock = StepClock()
     stop = StopOnSignal()
-    callbacks = [clock, stop, *callbacks] + ([SealCheckpoints(checkpoints)] if checkpoints is not None else [])
+    keep_best = KeepBest(resume_from) if config.keep_best else None
+    callbacks = [clock, stop, *callbacks, *([keep_best] if keep_best else []),
+                 *([EarlyStoppingCallback(config.early_stopping)] if config.early_stopping else []),
+                 *([SealCheckpoints(checkpoints)] if checkpoints is not None else [])]
     if "tensorboard" in config.loggers:  # Trainer's own callback, writing where the run keeps its logs
         tensorboard = TensorBoardCallback()
         tensorboard.logging_dir = str(logs or work_dir / "logs")
         callbacks.append(tensorboard)
     trainer = trainer_class(model=model, args=args, train_dataset=training_rows(dataset, batching, config.seq_len),
-                            data_collator=batch_collator(tokenizer, batching), processing_class=tokenizer,
-                            callbacks=callbacks)
+                            eval_dataset=held_out or None, data_collator=batch_collator(tokenizer, batching),
+                            processing_class=tokenizer, callbacks=callbacks)
     setup_peak = peak_memory_mb(model.device)
     return_freed_memory(collect=True)  # what setup left behind, so the training peak is training's own
     reset_peak_memory(model.device)
@@ -368,6 +411,10 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
     losses = [entry["loss"] for entry in history if "loss" in entry]
+    state = trainer.state
+    best = ({"step": state.best_global_step, "metric": args.metric_for_best_model, "value": state.best_metric}
+            if keep_best and keep_best.tensors is not None else None)
     return TrainOutcome(final_loss=losses[-1] if losses else float("nan"), seconds=seconds,
                         step_seconds=clock.step_seconds, first_step_start=clock.first_step_start, setup_peak_memory_mb=setup_peak,
-                        train_peak_memory_mb=peak_memory_mb(model.device), log_history=history)
+                        train_peak_memory_mb=peak_memory_mb(model.device), log_history=history, best=best,
+                        best_adapter=keep_best.tensors if best else None)

@@ -105,3 +105,17 @@ def tiny_run_args(model_dir, output, *extra) -> list[str]:
     return [str(arg) for arg in ["--model", model_dir, "--output", output, "--method", "edora", "--bits", 4, "--rank", 4,
                                  "--seq-len", 400, "--batch-size", 4, "--max-steps", 12, "--save-steps", 2, "--lr", 3e-2,
                                  *extra]]
+
+
+def killed_after_step(step, monkeypatch):
+    """Make the run die as a kill would, just after its checkpoint of `step` is sealed."""
+    from qsvd import checkpoints
+
+    seal = checkpoints.SealCheckpoints.on_save
+
+    def seal_then_die(self, args, state, control, **kwargs):
+        seal(self, args, state, control, **kwargs)
+        if state.global_step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.SealCheckpoints, "on_save", seal_then_die)

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import qsvd
-from qsvd import checkpoints
 from qsvd.data import read_eval_rows
 from qsvd.evaluate import evaluate_model
 from qsvd.methods import METHODS
@@ -19,7 +18,7 @@ from qsvd.devices import DTYPES, compute_dtype
 from qsvd.methods import make_spec
 from qsvd.split import adapter_layers, find_targets
 from qsvd.batching import Batching
-from conftest import char_tokenizer, tiny_model
+from conftest import char_tokenizer, killed_after_step, tiny_model
 
 DTYPE_NAMES = ["bf16", "fp16"]
 TOLERANCE = {name: 10 * torch.finfo(DTYPES[name]).eps for name in DTYPE_NAMES}  # on logits below 1, after 2 blocks
@@ -91,18 +90,6 @@ def run_options(model_dir, data, output, dtype, method):
     return dict(model=str(model_dir), method=method, dtype=dtype, rank=4, batch_size=2, max_steps=3, lr=2e-2,
                 warmup_ratio=0.0, data=str(data), save_steps=1, output=str(output), seq_len=128,
                 batching=BATCHING[dtype])
-
-
-def killed_after_step(step, monkeypatch):
-    """Make the run die as a kill would, just after its checkpoint of `step` is sealed."""
-    seal = checkpoints.SealCheckpoints.on_save
-
-    def seal_then_die(self, args, state, control, **kwargs):
-        seal(self, args, state, control, **kwargs)
-        if state.global_step == step:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoints.SealCheckpoints, "on_save", seal_then_die)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)

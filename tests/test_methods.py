@@ -7,6 +7,7 @@ import qsvd
 from qsvd import quantize
 from qsvd.methods import METHODS
 from qsvd.methods.lorasb import estimate_gradients, init_from_gradients, layer_groups
+from qsvd.loss import supervised_loss
 from qsvd.split import adapter_state, find_targets
 from conftest import tiny_model
 
@@ -152,6 +153,37 @@ def test_magnitude_methods_never_dequantize_while_training(method, monkeypatch):
     model = prepared(method, 4)
     monkeypatch.setattr("qsvd.methods.base.dequantize", lambda *a: pytest.fail("dequantized for n"))
     model(**BATCH).loss.backward()
+
+
+def saved_for_backward(model, batch) -> list[torch.Tensor]:
+    """Every tensor one training forward keeps for its backward (no gradient checkpointing)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = supervised_loss(model.train(), batch)
+    loss.backward()
+    return saved
+
+
+def test_magnitude_methods_keep_no_more_for_backward_than_lora_on_padded_rows():
+    """The guard on EDoRA's and DoRA's training memory (issue 31): on a padded batch of uneven rows,
+    the largest tensor kept for backward is no larger than LoRA's (no dense out × in weight, no
+    per-token buffer wider than LoRA's), and EDoRA keeps at most 1% more bytes than LoRA in all."""
+    ids = torch.randint(4, 100, (4, 64), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(64) < torch.tensor([[64], [40], [20], [52]])).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :10] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    models = {method: prepared(method, 4) for method in ("lora", "dora", "edora")}
+    kept = {method: saved_for_backward(model, batch) for method, model in models.items()}
+    largest = {method: max(t.numel() * t.element_size() for t in tensors) for method, tensors in kept.items()}
+    total = {method: sum(t.numel() * t.element_size() for t in tensors) for method, tensors in kept.items()}
+    assert largest["edora"] <= largest["lora"] and largest["dora"] <= largest["lora"], largest
+    assert total["edora"] <= 1.01 * total["lora"], total
+    weights = {tuple(layer.weight.shape) for layer in find_targets(tiny_model()).values()}
+    for method in ("dora", "edora"):  # made in the step, not a parameter (such as the output head's weight)
+        own = {t.untyped_storage().data_ptr() for t in [*models[method].parameters(), *models[method].buffers()]}
+        assert not any(tuple(t.shape) in weights and t.is_floating_point() and t.untyped_storage().data_ptr() not in own
+                       for t in kept[method]), method
 
 
 @pytest.mark.parametrize("bits", BITS)

@@ -1,9 +1,8 @@
 """How tokenized rows become training batches (`--batching`), so that little compute goes to padding.
 
 - padded: a batch of shuffled rows, each padded to the longest (`data.collator`);
-- grouped: the same, with rows of similar length together: Trainer's length-grouped order (mega-batches
-  of 50 batches, each sorted by length), seeded by --seed and the epoch, so that every epoch sees
-  every row once and a resumed run the same order;
+- grouped: the same, with rows of similar length together (`LengthGroupedSampler`), in an order
+  seeded by --seed and the epoch: every epoch sees every row once, and a resumed run the same order;
 - padding-free: a batch's rows concatenated into one sequence [1, Σ lengths] with no pad token,
   `position_ids` restarting at each row and each row's first label ignored (no row predicts the
   next one's first token). transformers builds a block-diagonal causal mask from the restarts (sdpa,
@@ -22,13 +21,13 @@ from typing import NamedTuple
 import datasets
 import torch
 from transformers import DataCollatorWithFlattening, PreTrainedTokenizerBase
-from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.utils import is_flash_attn_2_available
 
 from .data import IGNORE_INDEX, collator
 
 BATCHINGS = ("auto", "padded", "grouped", "padding-free", "packed")
 FLATTENED = ("padding-free", "packed")  # one sequence a batch, rows told apart by position_ids
+GROUPED_WINDOW = 50  # batches sorted by length together (as Trainer's grouping)
 
 
 class Batching(NamedTuple):
@@ -104,17 +103,31 @@ def training_rows(rows: datasets.Dataset, batching: Batching, seq_len: int) -> d
     return pack(rows, seq_len) if batching.name == "packed" else rows
 
 
-class SeededLengthGroupedSampler(LengthGroupedSampler):
-    """Trainer's length-grouped order, drawn from `seed` and the epoch alone (Trainer's own draws from
-    the global generator), so that every process, and a run resumed after a kill, sees the same."""
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Rows of similar length in each batch of `batch_size`: a shuffled order of every row is cut
+    into windows of GROUPED_WINDOW batches, each window sorted by length and cut into batches, and
+    the batches are shuffled (the epoch's last, partial one last, so that every other is whole).
+    The order is drawn from `seed` and the epoch alone, so that every process, and a run resumed
+    after a kill, sees the same. (Trainer's own grouping shrinks its windows on small data, to one
+    batch below 4 × 50 of them, and walks each window from its longest batch to its shortest.)"""
 
     def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed, self.epoch = seed, 0
+        self.batch_size, self.lengths, self.seed, self.epoch = batch_size, lengths, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.lengths)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return super().__iter__()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        window = self.batch_size * GROUPED_WINDOW
+        batches = []
+        for start in range(0, len(order), window):
+            by_length = sorted(order[start:start + window], key=lambda i: self.lengths[i])
+            batches += [by_length[i:i + self.batch_size] for i in range(0, len(by_length), self.batch_size)]
+        whole = len(order) // self.batch_size
+        for index in [*torch.randperm(whole, generator=generator).tolist(), *range(whole, len(batches))]:
+            yield from batches[index]

@@ -115,7 +115,8 @@ def recipe(config: FinetuneConfig, state, start: float) -> RunSummary:
                           f"{outcome.best['value']:.4f})")
         setup_seconds = (outcome.first_step_start or time.perf_counter()) - start
         if state.is_main_process:
-            record = {"config": config.resolved(), "batching": batching.name, "processes": state.num_processes, "model_path": str(files.config_dir),
+            record = {"config": config.resolved(), "batching": batching.name, "processes": state.num_processes,
+                      "model_path": str(files.config_dir),
                       "model_fingerprint": files.fingerprint, "prepared_model": str(prepared),
                       "trainable_params": trainable,
                       "data": {"rows": tokenized.read, "kept": len(dataset), "skipped": tokenized.skipped},

@@ -23,7 +23,7 @@ from transformers import (EarlyStoppingCallback, PreTrainedModel, PreTrainedToke
 from transformers.integrations import TensorBoardCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .batching import (Batching, SeededLengthGroupedSampler, batch_collator, choose, flash_attention_runs,
+from .batching import (Batching, LengthGroupedSampler, batch_collator, choose, flash_attention_runs,
                        training_rows)
 from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
@@ -253,7 +253,7 @@ class SupervisedTokensTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        return SeededLengthGroupedSampler(global_batch, [len(ids) for ids in dataset["input_ids"]], self.args.data_seed)
+        return LengthGroupedSampler(global_batch, [len(ids) for ids in dataset["input_ids"]], self.args.data_seed)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

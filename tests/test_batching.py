@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import qsvd
-from qsvd.batching import Batching, FlattenRows, SeededLengthGroupedSampler, choose, pack
+from qsvd.batching import Batching, FlattenRows, LengthGroupedSampler, choose, pack
 from qsvd.cli import cli
 from qsvd.data import IGNORE_INDEX, collator
 from qsvd.loss import supervised_loss, supervised_token_losses
@@ -108,12 +108,12 @@ def test_packing_is_best_fit_decreasing_and_cuts_no_row():
 
 def test_length_grouped_batches_are_a_seeded_order_of_every_row_per_epoch():
     lengths = torch.randint(5, 500, (400,), generator=torch.Generator().manual_seed(0)).tolist()
-    sampler = SeededLengthGroupedSampler(8, lengths, seed=42)
+    sampler = LengthGroupedSampler(8, lengths, seed=42)
     first, again = list(sampler), list(sampler)
     sampler.set_epoch(1)
     second = list(sampler)
     assert sorted(first) == sorted(second) == list(range(400)) and first == again and first != second
-    assert list(SeededLengthGroupedSampler(8, lengths, seed=42)) == first
+    assert list(LengthGroupedSampler(8, lengths, seed=42)) == first
     padding = lambda order: sum(8 * max(lengths[i] for i in order[s:s + 8]) - sum(lengths[i] for i in order[s:s + 8])
                                 for s in range(0, 400, 8))
     shuffled = torch.randperm(400, generator=torch.Generator().manual_seed(0)).tolist()

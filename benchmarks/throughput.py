@@ -29,7 +29,7 @@ from peers import SHARED_DATA, TARGETS, peer_model, write_smollm2
 
 RANK, BATCH, SEQ_LEN, LR = 16, 8, 512, 2e-4
 QSVD_BATCHINGS = ["padded", "grouped", "padding-free", "packed"]
-TRL_MODES = {"trl-padded": {}, "trl-padding_free": {"padding_free": True},
+TRL_MODES = {"trl-padded": {}, "trl-padding_free": {"padding_free": True, "max_length": None},  # rows fit: no cut
              "trl-packing": {"packing": True, "packing_strategy": "bfd"}}
 METHODS = ["lora", "edora"]
 
@@ -79,9 +79,9 @@ def run_trl(mode: str, args) -> dict:
     device = default_device()
     with tempfile.TemporaryDirectory() as work:
         config = SFTConfig(output_dir=work, per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
-                           optim="paged_adamw_8bit", max_length=SEQ_LEN, report_to="none", save_strategy="no",
-                           logging_steps=1, seed=42, use_cpu=device.type == "cpu", dataloader_num_workers=0,
-                           **TRL_MODES[mode])
+                           optim="paged_adamw_8bit", report_to="none", save_strategy="no", logging_steps=1, seed=42,
+                           use_cpu=device.type == "cpu", dataloader_num_workers=0,
+                           **{"max_length": SEQ_LEN} | TRL_MODES[mode])
         trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,
                              processing_class=load_tokenizer(resolve_model(args.model), False))
         return_freed_memory(collect=True)

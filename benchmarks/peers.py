@@ -1,6 +1,10 @@
 """What the benchmarks against PEFT share: the embedded model as safetensors, and PEFT's QLoRA/QDoRA."""
 
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -23,6 +27,18 @@ def write_smollm2(path: Path) -> None:
     del model.config.quantization_config
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
+
+
+@contextmanager
+def smollm2_workdir(workdir: str | None) -> Iterator[Path]:
+    """The benchmark's directory (`workdir`, else a temporary one) with the embedded model written in
+    it as smollm2-135m/ and qsvd's cache in it, so that prepared models are made once, outside the timing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        os.environ["QSVD_CACHE"] = str(work / "cache")
+        write_smollm2(work / "smollm2-135m")
+        yield work
 
 
 def peer_model(model_path: str, rank: int, use_dora: bool = False):

@@ -18,14 +18,13 @@ last line printed is one JSON object: each run's figures and the ratios the READ
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from peers import SHARED_DATA, TARGETS, peer_model, write_smollm2
+from peers import SHARED_DATA, TARGETS, peer_model, smollm2_workdir
 
 RANK, BATCH, SEQ_LEN, LR = 16, 8, 512, 2e-4
 QSVD_BATCHINGS = ["padded", "grouped", "padding-free", "packed"]
@@ -157,12 +156,8 @@ def main() -> None:
 
     device = default_device()
     default = choose("auto", device, compute_dtype(device)).name
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.workdir or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        os.environ["QSVD_CACHE"] = str(work / "cache")  # prepared models are made once, outside the timing
+    with smollm2_workdir(args.workdir) as work:
         args.model, args.data = str(work / "smollm2-135m"), str(work / "gsm8k.jsonl")
-        write_smollm2(Path(args.model))
         write_rows(Path(args.data), 32 if args.quick else args.rows)
         args.tokens = supervised_tokens(args.model, args.data)
         runs = ([f"{method}:{batching}" for method in METHODS for batching in QSVD_BATCHINGS] if not args.quick else

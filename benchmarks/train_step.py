@@ -20,14 +20,13 @@ parameters. The last line printed is one JSON object with the ratios to the peer
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from peers import TARGETS, peer_model, write_smollm2
+from peers import TARGETS, peer_model, smollm2_workdir
 
 QSVD_METHODS = ["lora", "dora", "pissa", "milora", "loraxs", "edora", "lorasb"]
 PEERS = {"qlora": False, "qdora": True}  # name → use_dora
@@ -154,12 +153,8 @@ def main() -> None:
         return child(args)
     args.rounds, args.warmup, args.steps = (1, 1, 2) if args.quick else (2, 2, 4)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.workdir or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        os.environ["QSVD_CACHE"] = str(work / "cache")  # prepared models are made once, outside the timing
+    with smollm2_workdir(args.workdir) as work:
         args.model, args.data = str(work / "smollm2-135m"), str(work / "data.jsonl")
-        write_smollm2(Path(args.model))
         write_data(Path(args.data), rows=BATCH * (args.warmup + args.steps) * 2)
         summary = report(measure_rounds([*PEERS, *args.methods.split(",")], args, work))
     print(json.dumps(summary))

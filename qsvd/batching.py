@@ -98,7 +98,7 @@ def pack(rows: datasets.Dataset, seq_len: int) -> datasets.Dataset:
     })
 
 
-def training_rows(rows: datasets.Dataset, batching: Batching, seq_len: int) -> datasets.Dataset:
+def training_examples(rows: datasets.Dataset, batching: Batching, seq_len: int) -> datasets.Dataset:
     """What Trainer iterates over: the rows, or for `packed` their packs."""
     return pack(rows, seq_len) if batching.name == "packed" else rows
 

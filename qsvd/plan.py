@@ -142,9 +142,9 @@ def budget(setup: Setup) -> dict[str, float]:
     parts["activations"] = blocks * tokens * hidden * dtype_bytes + \
         (0 if setup.gradient_checkpointing else blocks * block_working_set)  # what every block keeps for backward
     parts["block working set"] = dequantized + (block_working_set if setup.gradient_checkpointing else 0)
-    one_pass = plain_logits(model) and held_logit_tokens(tokens, config.vocab_size) == tokens
     logit_tokens = held_logit_tokens(tokens, config.vocab_size) if plain_logits(model) else tokens
-    copies = 2 if one_pass else 3  # a chunk's recompute, or the model's own logits, hold one more
+    # one pass holds two copies; a chunk's recompute, or the model's own logits, one more
+    copies = 2 if plain_logits(model) and logit_tokens == tokens else 3
     parts["logits"] = copies * logit_tokens * config.vocab_size * 4  # log-softmax, its gradient, the logits' gradient
     working_set = max(parts["block working set"], parts["logits"])  # never live together
     split_copies = SPLIT_COPIES * 4 * largest

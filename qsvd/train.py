@@ -24,7 +24,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .batching import (Batching, LengthGroupedSampler, batch_collator, choose, flash_attention_runs,
-                       training_rows)
+                       training_examples)
 from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
 from .errors import Interrupted, raise_interrupted
@@ -390,7 +390,8 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
         tensorboard = TensorBoardCallback()
         tensorboard.logging_dir = str(logs or work_dir / "logs")
         callbacks.append(tensorboard)
-    trainer = trainer_class(model=model, args=args, train_dataset=training_rows(dataset, batching, config.seq_len),
+    examples = training_examples(dataset, batching, config.seq_len)
+    trainer = trainer_class(model=model, args=args, train_dataset=examples,
                             eval_dataset=held_out or None, data_collator=batch_collator(tokenizer, batching),
                             processing_class=tokenizer, callbacks=callbacks)
     setup_peak = peak_memory_mb(model.device)

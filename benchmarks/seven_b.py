@@ -45,16 +45,17 @@ SHARD_BYTES = 2 * 2**30
 TOKENIZER_VOCAB = 4096  # byte-level BPE on the built-in rows: random weights need no better
 
 
-def write_random_llama(path: Path, shape: dict, shard_bytes: int = SHARD_BYTES) -> None:
-    """A random-weight (std 0.02) untied Llama as bf16 shards, one tensor in memory at a time, with a
-    tokenizer; config.json is written last, so a directory that has it is complete. The weights are
-    drawn on the GPU where there is one (a 7B model's in seconds rather than minutes)."""
+def write_random_llama(path: Path, shape: dict, shard_bytes: int = SHARD_BYTES, tokenizer: Path | None = None) -> None:
+    """A random-weight (std 0.02) untied Llama as bf16 shards, one tensor in memory at a time, with
+    `tokenizer`'s tokenizer (default: one trained here); config.json is written last, so a directory
+    that has it is complete. The weights are drawn on the GPU where there is one (a 7B model's in
+    seconds rather than minutes)."""
     if (path / "config.json").is_file():
         return
     import torch
     from accelerate import init_empty_weights
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**shape, tie_word_embeddings=False)
     with init_empty_weights():
@@ -81,7 +82,7 @@ def write_random_llama(path: Path, shape: dict, shard_bytes: int = SHARD_BYTES) 
     if shard:
         flush()
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    train_tokenizer().save_pretrained(path)
+    (AutoTokenizer.from_pretrained(tokenizer) if tokenizer else train_tokenizer()).save_pretrained(path)
     config.save_pretrained(path)
 
 

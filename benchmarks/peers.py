@@ -43,7 +43,10 @@ def smollm2_workdir(workdir: str | None) -> Iterator[Path]:
 
 def peer_model(model_path: str, rank: int, use_dora: bool = False):
     """QLoRA (or QDoRA) built the standard PEFT way: a 4-bit NF4 base with double quantization,
-    `prepare_model_for_kbit_training`, `get_peft_model(LoraConfig(r=rank, alpha=rank))`."""
+    `prepare_model_for_kbit_training`, `get_peft_model(LoraConfig(r=rank, alpha=rank))`; with
+    transformers' hub kernels, its default, unless the hub is offline (HF_HUB_OFFLINE=1), where
+    loading them fails."""
+    from huggingface_hub.constants import HF_HUB_OFFLINE
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -54,7 +57,7 @@ def peer_model(model_path: str, rank: int, use_dora: bool = False):
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                       bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=quantization, dtype=dtype,
-                                                 device_map=device.type)
+                                                 device_map=device.type, use_kernels=not HF_HUB_OFFLINE)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS,
                         use_dora=use_dora, task_type="CAUSAL_LM")

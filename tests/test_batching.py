@@ -120,13 +120,17 @@ def test_length_grouped_batches_are_a_seeded_order_of_every_row_per_epoch():
     assert padding(first) < padding(shuffled) / 5
 
 
-def test_auto_picks_padding_free_only_where_flash_attention_runs(monkeypatch):
+def test_auto_picks_padding_free_on_a_gpu_and_grouped_on_a_cpu(monkeypatch):
+    """A GPU flattens with flash-attention's varlen kernels where they run (half precision,
+    flash_attn installed), else with sdpa's block-diagonal mask (measured faster than grouped on an H200)."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert choose("auto", cpu, torch.float32).name == "grouped"
     assert choose("packed", cpu, torch.float32) == Batching("packed", "--batching")
+    assert choose("auto", gpu, torch.bfloat16) == Batching(
+        "padding-free", "no compute on padding with sdpa's block-diagonal mask; --batching to choose")
     monkeypatch.setattr("qsvd.batching.is_flash_attn_2_available", lambda: True)
-    assert choose("auto", gpu, torch.bfloat16).name == "padding-free"
-    assert choose("auto", gpu, torch.float32).name == "grouped"  # flash-attention takes no fp32
+    assert "flash-attention's varlen kernels" in choose("auto", gpu, torch.bfloat16).why
+    assert "sdpa" in choose("auto", gpu, torch.float32).why  # flash-attention takes no fp32
     assert choose("auto", cpu, torch.bfloat16).name == "grouped"
 
 

@@ -10,10 +10,10 @@
 - packed: whole rows packed best-fit decreasing into sequences of at most --seq-len tokens (no row
   cut), a batch of them flattened as padding-free.
 
-`auto` takes padding-free on a CUDA GPU, where flash-attention 2's varlen kernels (a half-precision
-dtype, the flash_attn package) or else sdpa's block-diagonal mask skip the padding (an H200 with
-sdpa: 1.94× padded's tokens/s for lora, 1.12× for edora, against grouped's 1.06× and 1.09×), and
-grouped on a CPU, where sdpa's block-diagonal masks cost more than the padding they save
+A flattened batch's attention computes nothing across rows: flash-attention 2's varlen kernels
+where they run (a CUDA GPU, a half-precision dtype, the flash_attn package), else sdpa row by row
+(`rows_attention`), never sdpa's [Σ lengths]² block-diagonal mask, which costs a CPU more than the
+padding saves. `auto` takes padding-free: the fastest measured, on a CPU and on a GPU
 (benchmarks/throughput.py).
 """
 
@@ -22,7 +22,9 @@ from typing import NamedTuple
 
 import datasets
 import torch
-from transformers import DataCollatorWithFlattening, PreTrainedTokenizerBase
+from transformers import AttentionInterface, DataCollatorWithFlattening, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.utils import is_flash_attn_2_available
 
 from .data import IGNORE_INDEX, collator
@@ -53,10 +55,48 @@ def choose(requested: str, device: torch.device, dtype: torch.dtype) -> Batching
     """The batching asked for, or for `auto` the fastest for this device."""
     if requested != "auto":
         return Batching(requested, "--batching")
-    if device.type == "cuda":
-        kernels = "flash-attention's varlen kernels" if flash_attention_runs(device, dtype) else "sdpa's block-diagonal mask"
-        return Batching("padding-free", f"no compute on padding with {kernels}; --batching to choose")
-    return Batching("grouped", f"the fastest measured on {device.type}; --batching to choose")
+    attention = "flash-attention's varlen kernels" if flash_attention_runs(device, dtype) else "sdpa row by row"
+    return Batching("padding-free", f"no compute on padding, attention by {attention}; --batching to choose")
+
+
+def row_bounds(query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None) -> list[int] | None:
+    """Where each row of a flattened batch starts (and the last ends): its positions restart at 0.
+    None for any other batch: several sequences, no positions, a cache, or one row."""
+    if position_ids is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return None
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    return starts + [query.shape[2]] if len(starts) > 1 and starts[0] == 0 else None
+
+
+def rows_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """A flattened batch's attention one row at a time, each causal with no mask, as
+    flash-attention's varlen kernels do: no [Σ lengths]² block-diagonal mask, and no compute across
+    rows. Any other batch, or a row longer than a sliding-window layer's window (which the mask
+    holds), goes to sdpa with its mask, as transformers runs it."""
+    bounds = row_bounds(query, key, position_ids)
+    window = kwargs.get("sliding_window") or query.shape[2]
+    if bounds is None or max(end - start for start, end in zip(bounds, bounds[1:])) > window:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                   None, **kwargs)[0] for start, end in zip(bounds, bounds[1:])]
+    return torch.cat(rows, dim=1), None
+
+
+ROWS_ATTENTION = "sdpa_rows"
+AttentionInterface.register(ROWS_ATTENTION, rows_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ROWS_ATTENTION, sdpa_mask)  # the masks of other batches, as sdpa's
+
+
+def attend_rows_alone(model: PreTrainedModel, batching: Batching, dtype: torch.dtype) -> None:
+    """For flattened batches, the attention that computes nothing across rows: flash-attention's
+    varlen kernels where they run, else sdpa row by row for a model on sdpa (one on eager, as
+    Gemma-2 for its soft-capping, keeps it)."""
+    if not batching.flattened:
+        return
+    if flash_attention_runs(model.device, dtype):
+        model.set_attn_implementation("flash_attention_2")
+    elif model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(ROWS_ATTENTION)
 
 
 class FlattenRows(DataCollatorWithFlattening):

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_dir, step_of, work_dir
 from .config import FinetuneConfig
 from .console import console
-from .batching import Batching, batch_collator, choose
+from .batching import Batching, attend_rows_alone, batch_collator, choose
 from .data import TrainingRows, eval_sets, first_batches, held_out_rows, tokenize_rows, training_rows
 from .devices import compute_dtype, default_device
 from .distributed import processes
@@ -162,6 +162,7 @@ def init_from_gradients(model: nn.Module, dataset, tokenizer, config: FinetuneCo
     `batching` flattens them), at η = `first_step_lr`."""
     if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
+    attend_rows_alone(model, batching, compute_dtype(model.device, config.spec()))
     batches = first_batches(dataset, batch_collator(tokenizer, batching), config.gradient_samples, config.batch_size,
                             config.seed)
     lr = first_step_lr(config, len(dataset))

@@ -23,7 +23,7 @@ from transformers import (EarlyStoppingCallback, PreTrainedModel, PreTrainedToke
 from transformers.integrations import TensorBoardCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .batching import (Batching, LengthGroupedSampler, batch_collator, choose, flash_attention_runs,
+from .batching import (Batching, LengthGroupedSampler, attend_rows_alone, batch_collator, choose,
                        training_examples)
 from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
@@ -377,8 +377,7 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     spec = getattr(model, "qsvd_spec", None)  # None for a model built elsewhere (PEFT's, in the benchmarks): auto
     dtype = compute_dtype(model.device, spec)
     batching = batching or choose(config.batching, model.device, dtype)
-    if batching.flattened and flash_attention_runs(model.device, dtype):
-        model.set_attn_implementation("flash_attention_2")  # its varlen kernels, not sdpa's block-diagonal mask
+    attend_rows_alone(model, batching, dtype)
     args = training_arguments(config, work_dir, dtype, batching, list(held_out or ()))
     clock = StepClock()
     stop = StopOnSignal()

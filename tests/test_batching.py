@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 import qsvd
-from qsvd.batching import Batching, FlattenRows, LengthGroupedSampler, choose, pack
+from qsvd.batching import ROWS_ATTENTION, Batching, FlattenRows, LengthGroupedSampler, attend_rows_alone, choose, pack
 from qsvd.cli import cli
 from qsvd.data import IGNORE_INDEX, collator
 from qsvd.loss import supervised_loss, supervised_token_losses
@@ -54,6 +54,7 @@ def test_a_flattened_batch_trains_as_the_padded_batch_with_accumulation(method):
     model = prepared(method)
     micro = [rows(seed=1), rows(LENGTHS[::-1], seed=2)]
     padded_loss, padded = accumulated(model, [collator(char_tokenizer())(batch) for batch in micro])
+    attend_rows_alone(model, Batching("padding-free", "test"), torch.float32)  # as training does
     flat_loss, flat = accumulated(model, [FlattenRows()(batch) for batch in micro])
     assert flat_loss == pytest.approx(padded_loss, rel=1e-5)
     assert padded.keys() == flat.keys() and padded
@@ -67,9 +68,11 @@ def token_losses(model, batch) -> torch.Tensor:
         return supervised_token_losses(model, batch, reduction="none")[0]
 
 
-def test_no_row_attends_to_another():
+@pytest.mark.parametrize("attention", [ROWS_ATTENTION, "sdpa"])  # qsvd's, and sdpa's block-diagonal mask
+def test_no_row_attends_to_another(attention):
     """Each row's token losses in a flattened batch are its own alone, whatever the other rows hold."""
     model = tiny_model().float()
+    model.set_attn_implementation(attention)
     batch = rows()
     alone = [token_losses(model, FlattenRows()([row])) for row in batch]
     together = token_losses(model, FlattenRows()(batch))
@@ -78,6 +81,26 @@ def test_no_row_attends_to_another():
     first = len(alone[0])
     assert torch.allclose(token_losses(model, FlattenRows()(changed))[:first], alone[0], atol=1e-6)
     assert not torch.allclose(token_losses(model, collator(char_tokenizer())(changed))[first:], together[first:])
+
+
+def test_rows_attention_takes_each_row_alone_and_other_batches_as_sdpa(monkeypatch):
+    """A flattened batch's attention runs row by row, causal and with no mask (no [Σ lengths]² one);
+    a padded batch's runs once, with sdpa's mask, and its losses are sdpa's."""
+    model = tiny_model().float()
+    padded = collator(char_tokenizer())(rows())
+    plain = token_losses(model, padded)
+    attend_rows_alone(model, Batching("padding-free", "test"), torch.float32)
+    calls = []
+    sdpa = qsvd.batching.sdpa_attention_forward
+    monkeypatch.setattr(qsvd.batching, "sdpa_attention_forward",
+                        lambda module, query, key, value, mask, **kwargs:
+                        calls.append((query.shape[2], mask is None)) or sdpa(module, query, key, value, mask, **kwargs))
+    token_losses(model, FlattenRows()(rows()))
+    layers = model.config.num_hidden_layers
+    assert calls == [(length, True) for length, _ in LENGTHS] * layers
+    calls.clear()
+    assert torch.equal(token_losses(model, padded), plain)
+    assert calls == [(max(length for length, _ in LENGTHS), False)] * layers
 
 
 def test_flattened_rows_restart_positions_and_ignore_each_rows_first_label():
@@ -120,18 +143,16 @@ def test_length_grouped_batches_are_a_seeded_order_of_every_row_per_epoch():
     assert padding(first) < padding(shuffled) / 5
 
 
-def test_auto_picks_padding_free_on_a_gpu_and_grouped_on_a_cpu(monkeypatch):
-    """A GPU flattens with flash-attention's varlen kernels where they run (half precision,
-    flash_attn installed), else with sdpa's block-diagonal mask (measured faster than grouped on an H200)."""
+def test_auto_picks_padding_free_with_flash_attention_where_it_runs(monkeypatch):
+    """Flattened batches everywhere, attended by flash-attention's varlen kernels where they run
+    (a GPU, half precision, flash_attn installed), else by sdpa row by row; the run says which."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert choose("auto", cpu, torch.float32).name == "grouped"
+    by_rows = Batching("padding-free", "no compute on padding, attention by sdpa row by row; --batching to choose")
+    assert choose("auto", cpu, torch.float32) == choose("auto", gpu, torch.bfloat16) == by_rows
     assert choose("packed", cpu, torch.float32) == Batching("packed", "--batching")
-    assert choose("auto", gpu, torch.bfloat16) == Batching(
-        "padding-free", "no compute on padding with sdpa's block-diagonal mask; --batching to choose")
     monkeypatch.setattr("qsvd.batching.is_flash_attn_2_available", lambda: True)
     assert "flash-attention's varlen kernels" in choose("auto", gpu, torch.bfloat16).why
-    assert "sdpa" in choose("auto", gpu, torch.float32).why  # flash-attention takes no fp32
-    assert choose("auto", cpu, torch.bfloat16).name == "grouped"
+    assert choose("auto", gpu, torch.float32) == choose("auto", cpu, torch.bfloat16) == by_rows
 
 
 def test_the_batching_is_said_recorded_and_checked(tiny_model_dir, tmp_path):

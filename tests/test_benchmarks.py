@@ -46,7 +46,7 @@ def test_train_step_quick_reports_the_ratios(tmp_path):
 def test_throughput_quick_compares_the_default_batching_with_padded_and_trl(tmp_path):
     pytest.importorskip("trl", reason="the benchmark extras: pip install -e '.[bench]'")
     figures = last_json_line([BENCHMARKS / "throughput.py", "--quick"], tmp_path)
-    assert figures["default_batching"] == "grouped" and figures["supervised_tokens"] > 0
+    assert figures["default_batching"] == "padding-free" and figures["supervised_tokens"] > 0
     for method in ("lora", "edora"):
         for key in ("default_vs_padded_speed", "default_vs_trl_best_speed", "default_vs_trl_best_peak"):
             assert figures[f"{method}_{key}"] > 0, key

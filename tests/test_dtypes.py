@@ -83,7 +83,7 @@ def one_row_data(tmp_path_factory):
     return path
 
 
-BATCHING = {"bf16": "packed", "fp16": "padding-free"}  # the flattened batches in each dtype (fp32's default: grouped)
+BATCHING = {"bf16": "packed", "fp16": "padding-free"}  # the flattened batches in each dtype (fp32's default: padding-free)
 
 
 def run_options(model_dir, data, output, dtype, method):

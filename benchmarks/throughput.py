@@ -139,7 +139,7 @@ def report(results: dict[str, dict], default: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=64, help="GSM8K rows, one epoch (default 64: 8 steps)")
+    parser.add_argument("--rows", type=int, default=32, help="GSM8K rows, one epoch (default 32: 4 steps)")
     parser.add_argument("--quick", action="store_true", help="32 rows, and qsvd's lora for padded and the default only")
     parser.add_argument("--workdir", help="where to keep the model copy, data and prepared models; default: a temp dir")
     parser.add_argument("--child", help=argparse.SUPPRESS)

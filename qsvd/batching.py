@@ -5,15 +5,15 @@
   seeded by --seed and the epoch: every epoch sees every row once, and a resumed run the same order;
 - padding-free: a batch's rows concatenated into one sequence [1, Σ lengths] with no pad token,
   `position_ids` restarting at each row and each row's first label ignored (no row predicts the
-  next one's first token). transformers builds a block-diagonal causal mask from the restarts (sdpa,
-  eager) or runs flash-attention's varlen kernels, so no row attends to another;
+  next one's first token), so no row attends to another (below);
 - packed: whole rows packed best-fit decreasing into sequences of at most --seq-len tokens (no row
   cut), a batch of them flattened as padding-free.
 
 A flattened batch's attention computes nothing across rows: flash-attention 2's varlen kernels
-where they run (a CUDA GPU, a half-precision dtype, the flash_attn package), else sdpa row by row
-(`rows_attention`), never sdpa's [Σ lengths]² block-diagonal mask, which costs a CPU more than the
-padding saves. `auto` takes padding-free: the fastest measured, on a CPU and on a GPU
+where they run (a CUDA GPU, a half-precision dtype, the flash_attn package), else, for a model on
+sdpa, sdpa row by row (`rows_attention`) rather than through the [Σ lengths]² block-diagonal mask
+transformers builds from the restarts, which costs a CPU more than the padding saves (a model on
+eager attention, as Gemma-2, keeps that mask). `auto` takes padding-free: the fastest measured, on a CPU and on a GPU
 (benchmarks/throughput.py).
 """
 

@@ -167,7 +167,9 @@ def saved_for_backward(model, batch) -> list[torch.Tensor]:
 def test_magnitude_methods_keep_no_more_for_backward_than_lora_on_padded_rows():
     """The guard on EDoRA's and DoRA's training memory (issue 31): on a padded batch of uneven rows,
     the largest tensor kept for backward is no larger than LoRA's (no dense out × in weight, no
-    per-token buffer wider than LoRA's), and EDoRA keeps at most 1% more bytes than LoRA in all."""
+    per-token buffer wider than LoRA's), and EDoRA keeps at most 3% more bytes than LoRA in all: one
+    r-wide activation a layer more, for the magnitude's gradient through the out × r factor (an out-wide
+    one a layer is about +30% at these widths)."""
     ids = torch.randint(4, 100, (4, 64), generator=torch.Generator().manual_seed(0))
     mask = (torch.arange(64) < torch.tensor([[64], [40], [20], [52]])).long()
     labels = ids.masked_fill(mask == 0, -100)
@@ -178,7 +180,7 @@ def test_magnitude_methods_keep_no_more_for_backward_than_lora_on_padded_rows():
     largest = {method: max(t.numel() * t.element_size() for t in tensors) for method, tensors in kept.items()}
     total = {method: sum(t.numel() * t.element_size() for t in tensors) for method, tensors in kept.items()}
     assert largest["edora"] <= largest["lora"] and largest["dora"] <= largest["lora"], largest
-    assert total["edora"] <= 1.01 * total["lora"], total
+    assert total["edora"] <= 1.03 * total["lora"], total
     weights = {tuple(layer.weight.shape) for layer in find_targets(tiny_model()).values()}
     for method in ("dora", "edora"):  # made in the step, not a parameter (such as the output head's weight)
         own = {t.untyped_storage().data_ptr() for t in [*models[method].parameters(), *models[method].buffers()]}

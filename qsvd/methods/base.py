@@ -126,12 +126,14 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def _low_rank(self, x: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
-        """s · F_1 ⋯ F_k x, applied right to left: in the adapter's float32, or under autocast
-        (training in bf16 or fp16) in autocast's dtype, with no float32 copy of x to keep."""
+        """s · F_1 ⋯ F_k x, applied right to left, s taken on the first, r-wide product x F_kᵀ
+        (not on the out-wide result): in the adapter's float32, or under autocast (training in bf16
+        or fp16) in autocast's dtype, with no float32 copy of x to keep."""
         h = self.dropout(x if torch.is_autocast_enabled(x.device.type) else x.to(factors[-1].dtype))
-        for factor in reversed(factors):
+        h = self.scale * (h @ factors[-1].T)
+        for factor in reversed(factors[:-1]):
             h = h @ factor.T
-        return self.scale * h
+        return h
 
     def extra_repr(self) -> str:
         return f"method={self.name}, rank={self.spec.rank}, scale={self.scale:g}, bits={self.spec.bits}"
@@ -175,13 +177,19 @@ def norm_from_statistics(layer: AdapterLayer, weight_A: torch.Tensor, gram_A: to
     return (layer.weight_sq_norm + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
 
 
-def apply_magnitude(layer: AdapterLayer, base_out: torch.Tensor, delta_out: torch.Tensor,
-                    norm: torch.Tensor) -> torch.Tensor:
-    """DoRA's output (m / n) ⊙ (deq(Q(W)) x + delta_out) + b, with n detached.
+def apply_magnitude(layer: AdapterLayer, base_out: torch.Tensor, x: torch.Tensor,
+                    factors: Sequence[torch.Tensor], norm: torch.Tensor) -> torch.Tensor:
+    """DoRA's output (m / n) ⊙ (deq(Q(W)) x + s·F_1 ⋯ F_k x) + b, with n detached, computed as
 
+        c ⊙ deq(Q(W)) x + s·(c ⊙ F_1) F_2 ⋯ F_k x,   c = m / n,
+
+    the row scale c riding on the out × r factor F_1, so that one fused multiply-add is the only
+    op (besides the bias) over the out-wide activations, forward and backward.
     `base_out` is deq(Q(W)) x without the bias.
     """
-    scaled = (layer.magnitude / norm) * (base_out.to(delta_out.dtype) + delta_out)
+    scale = layer.magnitude / norm
+    delta_out = layer._low_rank(x, scale[:, None] * factors[0], *factors[1:])
+    scaled = torch.addcmul(delta_out, base_out.to(delta_out.dtype), scale)
     if layer.base.bias is not None:
         scaled = scaled + layer.base.bias
     return scaled.to(base_out.dtype)

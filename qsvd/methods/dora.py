@@ -44,4 +44,4 @@ class DoRALayer(LoRALayer):
         stacked = frozen_output(self, torch.cat([rows, self.lora_A.detach().to(rows.dtype)]))
         base_out = stacked[:-rank].view(*x.shape[:-1], self.out_features)
         norm = self.weight_norm(stacked[-rank:].detach().T)
-        return apply_magnitude(self, base_out, self._low_rank(x, self.lora_B, self.lora_A), norm)
+        return apply_magnitude(self, base_out, x, (self.lora_B, self.lora_A), norm)

@@ -37,5 +37,5 @@ class EDoRALayer(LoRAXSLayer):
         return norm_from_statistics(self, self.weight_A, self.gram_A, self.lora_B @ self.core.detach())
 
     def forward(self, x):
-        delta_out = self._low_rank(x, self.lora_B, self.core, self.lora_A)
-        return apply_magnitude(self, frozen_output(self, x), delta_out, self.weight_norm())
+        return apply_magnitude(self, frozen_output(self, x), x, (self.lora_B, self.core, self.lora_A),
+                               self.weight_norm())

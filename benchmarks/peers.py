@@ -62,3 +62,23 @@ def peer_model(model_path: str, rank: int, use_dora: bool = False):
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=TARGETS,
                         use_dora=use_dora, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def train_peer(use_dora: bool, **settings):
+    """PEFT's QLoRA (or QDoRA, `use_dora`) trained by qsvd's `train` with transformers' own Trainer, on
+    the run `settings` name (FinetuneConfig's: model, rank, data, seq_len, ...); the run's outcome and
+    the trainable parameters."""
+    from transformers import Trainer
+
+    from qsvd.config import FinetuneConfig
+    from qsvd.data import build_dataset
+    from qsvd.load import load_tokenizer, resolve_model
+    from qsvd.train import train
+
+    config = FinetuneConfig.resolve(method="lora", **settings)
+    tokenizer = load_tokenizer(resolve_model(config.model), False)
+    dataset = build_dataset(config.data, tokenizer, config.seq_len, config.seed)
+    model = peer_model(config.model, config.rank, use_dora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with tempfile.TemporaryDirectory() as work:
+        return train(model, tokenizer, dataset, config, Path(work), trainer_class=Trainer), trainable

@@ -50,12 +50,12 @@ def supervised_tokens(model: str, data: str) -> int:
     return sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in rows["labels"])
 
 
-def run_qsvd(method: str, batching: str, args) -> dict:
+def run_qsvd(method: str, batching: str, args, batch_size: int = BATCH) -> dict:
     import qsvd
 
     with tempfile.TemporaryDirectory() as output:
         qsvd.finetune(model=args.model, method=method, rank=RANK, bits=4, targets=TARGETS, data=args.data,
-                      seq_len=SEQ_LEN, batch_size=BATCH, epochs=1, lr=LR, batching=batching, save_steps=None,
+                      seq_len=SEQ_LEN, batch_size=batch_size, epochs=1, lr=LR, batching=batching, save_steps=None,
                       output=output, overwrite=True)
         record = json.loads((Path(output) / "qsvd_config.json").read_text())
     return {"seconds": record["train_seconds"], "peak_mb": record["train_peak_memory_mb"]}
@@ -155,7 +155,7 @@ def main() -> None:
     from qsvd.devices import compute_dtype, default_device
 
     device = default_device()
-    default = choose("auto", device, compute_dtype(device)).name
+    default = choose("auto", device, compute_dtype(device), "sdpa").name  # SmolLM2 loads on sdpa
     with smollm2_workdir(args.workdir) as work:
         args.model, args.data = str(work / "smollm2-135m"), str(work / "gsm8k.jsonl")
         write_rows(Path(args.data), 32 if args.quick else args.rows)

@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from peers import TARGETS, peer_model, smollm2_workdir
+from peers import TARGETS, smollm2_workdir, train_peer
 
 QSVD_METHODS = ["lora", "dora", "pissa", "milora", "loraxs", "edora", "lorasb"]
 PEERS = {"qlora": False, "qdora": True}  # name → use_dora
@@ -47,20 +47,8 @@ def write_data(path: Path, rows: int) -> None:
 
 
 def run_peer(name: str, args) -> dict:
-    from qsvd.config import FinetuneConfig
-    from qsvd.data import build_dataset
-    from qsvd.load import load_tokenizer, resolve_model
-    from qsvd.train import train
-    from transformers import Trainer
-
-    config = FinetuneConfig.resolve(model=args.model, method="lora", rank=RANK, data=args.data,
-                                    seq_len=SEQ_LEN, batch_size=BATCH, max_steps=args.warmup + args.steps)
-    tokenizer = load_tokenizer(resolve_model(args.model), False)
-    dataset = build_dataset(config.data, tokenizer, config.seq_len, config.seed)
-    model = peer_model(args.model, RANK, PEERS[name])
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    with tempfile.TemporaryDirectory() as work:
-        outcome = train(model, tokenizer, dataset, config, Path(work), trainer_class=Trainer)
+    outcome, trainable = train_peer(PEERS[name], model=args.model, rank=RANK, data=args.data, seq_len=SEQ_LEN,
+                                    batch_size=BATCH, max_steps=args.warmup + args.steps)
     return {"step_seconds": outcome.step_seconds, "train_peak_mb": outcome.train_peak_memory_mb,
             "setup_peak_mb": outcome.setup_peak_memory_mb, "trainable": trainable}
 

@@ -9,12 +9,13 @@
 - packed: whole rows packed best-fit decreasing into sequences of at most --seq-len tokens (no row
   cut), a batch of them flattened as padding-free.
 
-A flattened batch's attention computes nothing across rows: flash-attention 2's varlen kernels
-where they run (a CUDA GPU, a half-precision dtype, the flash_attn package), else, for a model on
-sdpa, sdpa row by row (`rows_attention`) rather than through the [Σ lengths]² block-diagonal mask
-transformers builds from the restarts, which costs a CPU more than the padding saves (a model on
-eager attention, as Gemma-2, keeps that mask). `auto` takes padding-free: the fastest measured, on a CPU and on a GPU
-(benchmarks/throughput.py).
+A flattened batch's attention computes nothing across rows where the model allows: flash-attention
+2's varlen kernels where they run (a CUDA GPU, a half-precision dtype, the flash_attn package), else,
+for a model on sdpa, sdpa row by row (`rows_attention`) rather than through the [Σ lengths]²
+block-diagonal mask transformers builds from the restarts, which costs a CPU more than the padding
+saves. A model on eager attention (Gemma-2, for its soft-capping) would take that mask. `auto` takes
+padding-free where rows attend alone, the fastest measured on a CPU and on a GPU
+(benchmarks/throughput.py), and grouped otherwise.
 """
 
 import bisect
@@ -51,12 +52,18 @@ def flash_attention_runs(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and is_flash_attn_2_available()
 
 
-def choose(requested: str, device: torch.device, dtype: torch.dtype) -> Batching:
-    """The batching asked for, or for `auto` the fastest for this device."""
+def choose(requested: str, device: torch.device, dtype: torch.dtype, attention: str) -> Batching:
+    """The batching asked for, or for `auto` the fastest for this device and a model on `attention`
+    (its attention implementation): padding-free where its rows can attend alone (`row_attention`),
+    else grouped by length."""
     if requested != "auto":
         return Batching(requested, "--batching")
-    attention = "flash-attention's varlen kernels" if flash_attention_runs(device, dtype) else "sdpa row by row"
-    return Batching("padding-free", f"no compute on padding, attention by {attention}; --batching to choose")
+    alone = row_attention(device, dtype, attention)
+    if alone is None:
+        return Batching("grouped", f"the model's {attention} attention would attend across a flattened batch's "
+                                   f"rows; --batching to choose")
+    return Batching("padding-free", f"no compute on padding, attention by {ROW_ATTENTION_WORDS[alone]}; "
+                                    f"--batching to choose")
 
 
 def row_bounds(query: torch.Tensor, key: torch.Tensor, position_ids: torch.Tensor | None) -> list[int] | None:
@@ -85,18 +92,24 @@ def rows_attention(module, query, key, value, attention_mask, position_ids=None,
 ROWS_ATTENTION = "sdpa_rows"
 AttentionInterface.register(ROWS_ATTENTION, rows_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ROWS_ATTENTION, sdpa_mask)  # the masks of other batches, as sdpa's
+ROW_ATTENTION_WORDS = {"flash_attention_2": "flash-attention's varlen kernels", ROWS_ATTENTION: "sdpa row by row"}
+
+
+def row_attention(device: torch.device, dtype: torch.dtype, attention: str) -> str | None:
+    """The attention under which a flattened batch's rows attend alone, for a model on `attention`:
+    flash-attention's varlen kernels where they run, else sdpa row by row for a model on sdpa; None
+    for a model on eager attention (Gemma-2, for its soft-capping), which would take the
+    block-diagonal mask."""
+    if flash_attention_runs(device, dtype):
+        return "flash_attention_2"
+    return ROWS_ATTENTION if attention in ("sdpa", ROWS_ATTENTION) else None
 
 
 def attend_rows_alone(model: PreTrainedModel, batching: Batching, dtype: torch.dtype) -> None:
-    """For flattened batches, the attention that computes nothing across rows: flash-attention's
-    varlen kernels where they run, else sdpa row by row for a model on sdpa (one on eager, as
-    Gemma-2 for its soft-capping, keeps it)."""
-    if not batching.flattened:
-        return
-    if flash_attention_runs(model.device, dtype):
-        model.set_attn_implementation("flash_attention_2")
-    elif model.config._attn_implementation == "sdpa":
-        model.set_attn_implementation(ROWS_ATTENTION)
+    """For flattened batches, set the model's `row_attention`, where it has one."""
+    alone = row_attention(model.device, dtype, model.config._attn_implementation) if batching.flattened else None
+    if alone is not None:
+        model.set_attn_implementation(alone)
 
 
 class FlattenRows(DataCollatorWithFlattening):

@@ -98,7 +98,8 @@ def recipe(config: FinetuneConfig, state, start: float) -> RunSummary:
           state.main_process_first()):
         model, prepared = load_or_split(files, config.spec(), config.targets, config.seed,
                                         trust_remote_code=config.trust_remote_code)
-    batching = choose(config.batching, model.device, compute_dtype(model.device, config.spec()))
+    batching = choose(config.batching, model.device, compute_dtype(model.device, config.spec()),
+                      model.config._attn_implementation)
     console.print(batching.line())
     if METHODS[config.method].needs_gradient_init and resume_from is None:  # a checkpoint holds the init
         init_from_gradients(model, dataset, tokenizer, config, batching)

@@ -376,7 +376,7 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     """
     spec = getattr(model, "qsvd_spec", None)  # None for a model built elsewhere (PEFT's, in the benchmarks): auto
     dtype = compute_dtype(model.device, spec)
-    batching = batching or choose(config.batching, model.device, dtype)
+    batching = batching or choose(config.batching, model.device, dtype, model.config._attn_implementation)
     attend_rows_alone(model, batching, dtype)
     args = training_arguments(config, work_dir, dtype, batching, list(held_out or ()))
     clock = StepClock()

@@ -143,16 +143,33 @@ def test_length_grouped_batches_are_a_seeded_order_of_every_row_per_epoch():
     assert padding(first) < padding(shuffled) / 5
 
 
-def test_auto_picks_padding_free_with_flash_attention_where_it_runs(monkeypatch):
-    """Flattened batches everywhere, attended by flash-attention's varlen kernels where they run
-    (a GPU, half precision, flash_attn installed), else by sdpa row by row; the run says which."""
+def test_auto_picks_padding_free_where_rows_attend_alone(monkeypatch):
+    """Flattened batches wherever each row can attend alone: by flash-attention's varlen kernels
+    where they run (a GPU, half precision, flash_attn installed), else by sdpa row by row; a model
+    on eager attention, which would attend across rows through the block mask, has its rows
+    grouped by length instead. The run says which, and why."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     by_rows = Batching("padding-free", "no compute on padding, attention by sdpa row by row; --batching to choose")
-    assert choose("auto", cpu, torch.float32) == choose("auto", gpu, torch.bfloat16) == by_rows
-    assert choose("packed", cpu, torch.float32) == Batching("packed", "--batching")
+    assert choose("auto", cpu, torch.float32, "sdpa") == choose("auto", gpu, torch.bfloat16, "sdpa") == by_rows
+    assert choose("auto", cpu, torch.float32, ROWS_ATTENTION) == by_rows  # once set for training
+    assert choose("auto", cpu, torch.float32, "eager") == Batching(
+        "grouped", "the model's eager attention would attend across a flattened batch's rows; --batching to choose")
+    assert choose("packed", cpu, torch.float32, "eager") == Batching("packed", "--batching")
     monkeypatch.setattr("qsvd.batching.is_flash_attn_2_available", lambda: True)
-    assert "flash-attention's varlen kernels" in choose("auto", gpu, torch.bfloat16).why
-    assert choose("auto", gpu, torch.float32) == choose("auto", cpu, torch.bfloat16) == by_rows
+    for attention in ("sdpa", "eager"):
+        assert "flash-attention's varlen kernels" in choose("auto", gpu, torch.bfloat16, attention).why
+    assert choose("auto", gpu, torch.float32, "sdpa") == choose("auto", cpu, torch.bfloat16, "sdpa") == by_rows
+
+
+def test_rows_attend_alone_only_where_the_model_allows():
+    """attend_rows_alone sets sdpa row by row for a flattened batch on an sdpa model, and leaves an
+    eager model's attention (soft-capping) and any batch that is not flattened as they are."""
+    for attention, batching, expected in [("sdpa", "padding-free", ROWS_ATTENTION), ("sdpa", "grouped", "sdpa"),
+                                          ("eager", "packed", "eager")]:
+        model = tiny_model()
+        model.set_attn_implementation(attention)
+        attend_rows_alone(model, Batching(batching, "test"), torch.float32)
+        assert model.config._attn_implementation == expected, (attention, batching)
 
 
 def test_the_batching_is_said_recorded_and_checked(tiny_model_dir, tmp_path):

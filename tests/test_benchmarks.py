@@ -53,6 +53,14 @@ def test_throughput_quick_compares_the_default_batching_with_padded_and_trl(tmp_
 
 
 @pytest.mark.slow
+def test_train_memory_compares_edora_with_lora_and_dora_with_qdora(tmp_path):
+    figures = last_json_line([BENCHMARKS / "train_memory.py", "--rows", "8"], tmp_path)
+    for batch in (4, 8):
+        assert all(figures[f"{name}_batch{batch}_peak_mb"] > 0 for name in ("lora", "edora", "dora", "qdora"))
+        assert figures[f"edora_vs_lora_batch{batch}_peak"] > 0 and figures[f"dora_vs_qdora_batch{batch}_peak"] > 0
+
+
+@pytest.mark.slow
 def test_quality_quick_scores_every_method(tmp_path):
     figures = last_json_line([BENCHMARKS / "quality.py", "--quick"], tmp_path)
     for name in ["base", "milora", "edora", "lorasb", "loraxs", "pissa", "qlora"]:

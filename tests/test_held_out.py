@@ -48,7 +48,7 @@ def test_eval_steps_scores_each_file_s_held_out_loss_into_the_log(tiny_model_dir
     assert sorted(scores) == sorted(texts) == [2, 4] and all(0 < value < 10 for value in texts.values())
     assert scores[4]["eval_held_loss"] < scores[2]["eval_held_loss"]
     rows = held_out_rows(read_eval_rows(held), "held", char_tokenizer(), 400, 8)
-    collate = batch_collator(char_tokenizer(), choose("auto", torch.device("cpu"), torch.float32))
+    collate = batch_collator(char_tokenizer(), choose("auto", torch.device("cpu"), torch.float32, "sdpa"))
     with torch.no_grad():
         expected = [supervised_loss(trained, collate([rows[i] for i in range(start, start + 4)])).item()
                     for start in (0, 4)]

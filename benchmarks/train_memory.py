@@ -6,15 +6,20 @@ projections, gradient checkpointing and paged 8-bit AdamW, at batch 4 and at bat
 edora and dora, and PEFT's QDoRA built the standard way (benchmarks/peers.py) trained through the
 same loop. Each run is a fresh process.
 
-The figure is the peak RSS of training with glibc's mmap threshold fixed at 1 MiB
-(MALLOC_MMAP_THRESHOLD_): every buffer of 1 MiB or more is then handed back to the OS when freed, so
-the peak is what the live tensors need, and it repeats to 0.1 MB. Under glibc's default a run's peak
-moves by about 100 MB with how the heap happened to be reused (edora at batch 4 measured 1,259 and
-1,365 MB in two identical runs), more than the differences measured here. The steps are slower so:
-this benchmark measures memory only (benchmarks/throughput.py and train_step.py measure speed). The
-last line printed is one JSON object with the peaks and their ratios.
+Two figures a run, both of the training phase:
+- the peak of live tensor bytes: every tensor storage alive, counted from the op that makes it until
+  it is freed (a torch dispatch mode over `Trainer.train`; the parameters, buffers and optimizer state
+  included), which is what `torch.cuda.max_memory_allocated` gives on a GPU, and repeats exactly;
+- the peak RSS with glibc's mmap threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_): every buffer of
+  1 MiB or more then goes back to the OS when freed, so the figure repeats to 0.1 MB. It still
+  holds the heap's smaller buffers and the process's own memory, which move a run by some 10–30 MB;
+  under glibc's default a run's peak moves by about 100 MB with how the heap happened to be reused
+  (edora at batch 4 measured 1,259 and 1,365 MB in two identical runs), more than the differences
+  measured here.
+The steps are slower so: this benchmark measures memory only (benchmarks/throughput.py and
+train_step.py measure speed). The last line printed is one JSON object with the peaks and ratios.
 
-    python benchmarks/train_memory.py [--rows N] [--workdir DIR]
+    python benchmarks/train_memory.py [--rows N] [--workdir DIR]    (about 26 minutes here)
 """
 
 import argparse
@@ -22,7 +27,12 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from peers import smollm2_workdir, train_peer
 from throughput import LR, RANK, SEQ_LEN, run_qsvd, write_rows
@@ -32,17 +42,61 @@ RUNS = ["lora", "edora", "dora", "qdora"]
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
+class LiveTensors(TorchDispatchMode):
+    """The bytes of tensor storage alive now and at most, from `alive` bytes at the start: each
+    storage an op makes counts from then until it is freed."""
+
+    def __init__(self, alive: int):
+        super().__init__()
+        self.now = self.peak = alive
+        self.sizes = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.sizes:
+                storage = tensor.untyped_storage()
+                self.sizes[storage.data_ptr()] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self.free, storage.data_ptr())
+        return out
+
+    def free(self, key: int) -> None:
+        self.now -= self.sizes.pop(key)
+
+
+def count_live_tensors_in_training() -> dict:
+    """Wrap `Trainer.train` in `LiveTensors`, from the model's parameters and buffers; the dict
+    it returns gets the peak, in MB, once training is done."""
+    from transformers import Trainer
+
+    figures, train = {}, Trainer.train
+
+    def counted_train(trainer, *args, **kwargs):
+        tensors = [*trainer.model.parameters(), *trainer.model.buffers()]
+        alive = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+        with LiveTensors(alive) as live:
+            result = train(trainer, *args, **kwargs)
+        figures["tensor_peak_mb"] = live.peak / 2**20
+        return result
+
+    Trainer.train = counted_train
+    return figures
+
+
 def child(args) -> None:
+    tensors = count_live_tensors_in_training()
     if args.child == "qdora":
         outcome, _ = train_peer(True, model=args.model, rank=RANK, data=args.data, seq_len=SEQ_LEN,
                                 batch_size=args.batch_size, epochs=1, lr=LR)
         figures = {"peak_mb": outcome.train_peak_memory_mb}
     else:
         figures = run_qsvd(args.child, "auto", args, args.batch_size)
-    print(json.dumps(figures))
+    print(json.dumps(figures | tensors))
 
 
-def measure(name: str, batch_size: int, args, work: Path) -> float:
+def measure(name: str, batch_size: int, args, work: Path) -> dict:
     command = [sys.executable, __file__, "--child", name, "--batch-size", str(batch_size),
                "--model", args.model, "--data", args.data]
     print(f"running {name} at batch {batch_size} ...", file=sys.stderr, flush=True)
@@ -52,9 +106,10 @@ def measure(name: str, batch_size: int, args, work: Path) -> float:
                                 env=os.environ | FIXED_MMAP_THRESHOLD)
     if result.returncode != 0:
         sys.exit(f"{name} failed (exit {result.returncode}); its log:\n{log.read_text()[-3000:]}")
-    peak = json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
-    print(f"  peak {peak:,.1f} MB", file=sys.stderr, flush=True)
-    return peak
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"  live tensors {figures['tensor_peak_mb']:,.1f} MB, RSS {figures['peak_mb']:,.1f} MB",
+          file=sys.stderr, flush=True)
+    return figures
 
 
 def main() -> None:
@@ -72,14 +127,19 @@ def main() -> None:
     with smollm2_workdir(args.workdir) as work:
         args.model, args.data = str(work / "smollm2-135m"), str(work / "gsm8k.jsonl")
         write_rows(Path(args.data), args.rows)
-        peaks = {(name, batch): measure(name, batch, args, work) for batch in BATCHES for name in RUNS}
+        runs = {(name, batch): measure(name, batch, args, work) for batch in BATCHES for name in RUNS}
     summary = {}
-    print(f"\n{'batch':<7}" + "".join(f"{name + ' MB':>12}" for name in RUNS) + f"{'edora ÷ lora':>14}{'dora ÷ qdora':>14}")
-    for batch in BATCHES:
-        edora, dora = (peaks["edora", batch] / peaks["lora", batch], peaks["dora", batch] / peaks["qdora", batch])
-        print(f"{batch:<7}" + "".join(f"{peaks[name, batch]:>12,.1f}" for name in RUNS) + f"{edora:>14.3f}{dora:>14.3f}")
-        summary |= {f"{name}_batch{batch}_peak_mb": round(peaks[name, batch], 1) for name in RUNS}
-        summary |= {f"edora_vs_lora_batch{batch}_peak": round(edora, 3), f"dora_vs_qdora_batch{batch}_peak": round(dora, 3)}
+    for figure, label in (("tensor_peak_mb", "live tensors"), ("peak_mb", "RSS")):
+        print(f"\n{label + ', MB':<22}" + "".join(f"{name:>10}" for name in RUNS) + f"{'edora ÷ lora':>14}{'dora ÷ qdora':>14}")
+        for batch in BATCHES:
+            peaks = {name: runs[name, batch][figure] for name in RUNS}
+            edora, dora = peaks["edora"] / peaks["lora"], peaks["dora"] / peaks["qdora"]
+            print(f"{'batch ' + str(batch):<22}" + "".join(f"{peaks[name]:>10,.1f}" for name in RUNS)
+                  + f"{edora:>14.3f}{dora:>14.3f}")
+            summary |= {f"{name}_batch{batch}_{figure}": round(peaks[name], 1) for name in RUNS}
+            ratio = figure.removesuffix("_mb")
+            summary |= {f"edora_vs_lora_batch{batch}_{ratio}": round(edora, 3),
+                        f"dora_vs_qdora_batch{batch}_{ratio}": round(dora, 3)}
     print(json.dumps(summary))
 
 

@@ -12,9 +12,9 @@ Two figures a run, both of the training phase:
   included), which is what `torch.cuda.max_memory_allocated` gives on a GPU, and repeats exactly;
 - the peak RSS with glibc's mmap threshold fixed at 1 MiB (MALLOC_MMAP_THRESHOLD_): every buffer of
   1 MiB or more then goes back to the OS when freed, so the figure repeats to a few MB (it still
-  holds the heap's smaller buffers and the process's own memory); under glibc's default a run's peak moves by about 100 MB with how the heap happened to be reused
-  (edora at batch 4 measured 1,259 and 1,365 MB in two identical runs), more than the differences
-  measured here.
+  holds the heap's smaller buffers and the process's own memory); under glibc's default a run's
+  peak moves by about 100 MB with how the heap happened to be reused (edora at batch 4 measured
+  1,259 and 1,365 MB in two identical runs), more than the differences measured here.
 The steps are slower so: this benchmark measures memory only (benchmarks/throughput.py and
 train_step.py measure speed). The last line printed is one JSON object with the peaks and ratios.
 

@@ -1,6 +1,8 @@
 """What the benchmarks against PEFT share: the embedded model as safetensors, and PEFT's QLoRA/QDoRA."""
 
+import json
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +29,16 @@ def write_smollm2(path: Path) -> None:
     del model.config.quantization_config
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(path)
+
+
+def child_figures(name: str, command: list, log: Path, env: dict | None = None) -> dict:
+    """Run one benchmark child process (its stderr into `log`) and return the JSON object its last
+    line prints; if it fails, exit with the end of its log."""
+    with open(log, "w") as stderr:
+        result = subprocess.run(list(map(str, command)), stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+    if result.returncode != 0:
+        sys.exit(f"{name} failed (exit {result.returncode}); its log:\n{log.read_text()[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @contextmanager

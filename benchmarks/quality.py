@@ -32,12 +32,11 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from peers import SHARED_DATA, TARGETS, peer_model, write_smollm2
+from peers import SHARED_DATA, TARGETS, child_figures, peer_model, write_smollm2
 
 from qsvd.evaluate import bootstrap_interval, write_jsonl
 
@@ -199,11 +198,7 @@ def measure(name: str, lr: float | None, dataset: str, split: str, args, splits:
         return earlier["figures"]
     print(f"{run} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    with open(log, "w") as stderr:
-        result = subprocess.run(list(map(str, command)), stdout=subprocess.PIPE, stderr=stderr, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{run} failed (exit {result.returncode}); its log:\n{log.read_text()[-3000:]}")
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = child_figures(run, command, log)
     saved.write_text(json.dumps({"budget": args.budget, "figures": figures}) + "\n")
     print(f"  {split} answer NLL {figures['curve'][-1]['nll']:.4f}, {time.perf_counter() - start:.0f} s",
           file=sys.stderr, flush=True)

@@ -18,13 +18,12 @@ last line printed is one JSON object: each run's figures and the ratios the READ
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from peers import SHARED_DATA, TARGETS, peer_model, smollm2_workdir
+from peers import SHARED_DATA, TARGETS, child_figures, peer_model, smollm2_workdir
 
 RANK, BATCH, SEQ_LEN, LR = 16, 8, 512, 2e-4
 QSVD_BATCHINGS = ["padded", "grouped", "padding-free", "packed"]
@@ -103,11 +102,7 @@ def measure(name: str, args, work: Path) -> dict:
     command = [sys.executable, __file__, "--child", name, "--model", args.model, "--data", args.data]
     print(f"running {name} ...", file=sys.stderr, flush=True)
     log = work / f"{name.replace(':', '-')}.log"
-    with open(log, "w") as stderr:
-        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{name} failed (exit {result.returncode}); its log:\n{log.read_text()[-3000:]}")
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = child_figures(name, command, log)
     figures["tokens_per_s"] = args.tokens / figures["seconds"]
     print(f"  {name}: {figures['seconds']:.1f} s, {figures['tokens_per_s']:.1f} tokens/s, "
           f"peak {figures['peak_mb']:,.0f} MB", file=sys.stderr, flush=True)

@@ -24,7 +24,6 @@ train_step.py measure speed). The last line printed is one JSON object with the 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import weakref
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from peers import smollm2_workdir, train_peer
+from peers import child_figures, smollm2_workdir, train_peer
 from throughput import LR, RANK, SEQ_LEN, run_qsvd, write_rows
 
 BATCHES = (4, 8)
@@ -100,12 +99,7 @@ def measure(name: str, batch_size: int, args, work: Path) -> dict:
                "--model", args.model, "--data", args.data]
     print(f"running {name} at batch {batch_size} ...", file=sys.stderr, flush=True)
     log = work / f"{name}-{batch_size}.log"
-    with open(log, "w") as stderr:
-        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                env=os.environ | FIXED_MMAP_THRESHOLD)
-    if result.returncode != 0:
-        sys.exit(f"{name} failed (exit {result.returncode}); its log:\n{log.read_text()[-3000:]}")
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = child_figures(name, command, log, env=os.environ | FIXED_MMAP_THRESHOLD)
     print(f"  live tensors {figures['tensor_peak_mb']:,.1f} MB, RSS {figures['peak_mb']:,.1f} MB",
           file=sys.stderr, flush=True)
     return figures

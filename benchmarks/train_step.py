@@ -21,12 +21,11 @@ parameters. The last line printed is one JSON object with the ratios to the peer
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from peers import TARGETS, smollm2_workdir, train_peer
+from peers import TARGETS, child_figures, smollm2_workdir, train_peer
 
 QSVD_METHODS = ["lora", "dora", "pissa", "milora", "loraxs", "edora", "lorasb"]
 PEERS = {"qlora": False, "qdora": True}  # name → use_dora
@@ -77,11 +76,7 @@ def measure(name: str, args, log: Path) -> dict:
     command = [sys.executable, __file__, "--child", name, "--model", args.model, "--data", args.data,
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
     print(f"running {name} ...", file=sys.stderr, flush=True)
-    with open(log, "w") as stderr:
-        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{name} failed (exit {result.returncode}); its log:\n{log.read_text()[-3000:]}")
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    figures = child_figures(name, command, log)
     figures["timed_s"] = figures.pop("step_seconds")[args.warmup:]
     print(f"  {name}: steps {', '.join(f'{s:.2f}' for s in figures['timed_s'])} s, "
           f"training peak {figures['train_peak_mb']:,.0f} MB", file=sys.stderr, flush=True)

@@ -29,6 +29,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.utils import is_flash_attn_2_available
 
 from .data import IGNORE_INDEX, collator
+from .pairs import PairCollator
 
 BATCHINGS = ("auto", "padded", "grouped", "padding-free", "packed")
 FLATTENED = ("padding-free", "packed")  # one sequence a batch, rows told apart by position_ids
@@ -126,8 +127,10 @@ class FlattenRows(DataCollatorWithFlattening):
         return batch
 
 
-def batch_collator(tokenizer: PreTrainedTokenizerBase, batching: Batching):
-    return FlattenRows() if batching.flattened else collator(tokenizer)
+def batch_collator(tokenizer: PreTrainedTokenizerBase, batching: Batching, pairs: bool = False):
+    """The collator of rows as `batching` batches them; with `pairs`, of preference pairs, each as two rows."""
+    rows = FlattenRows() if batching.flattened else collator(tokenizer)
+    return PairCollator(rows) if pairs else rows
 
 
 def pack(rows: datasets.Dataset, seq_len: int) -> datasets.Dataset:

@@ -23,6 +23,7 @@ from .finetune import check_inputs
 from .finetune import finetune as run_finetune
 from .finetune import init as run_init
 from .load import ALIASES
+from .objectives import DPO_BETA, OBJECTIVES, ORPO_LAMBDA
 from .methods import METHODS, methods_that
 from .plan import GPUS
 from .plan import plan as run_plan
@@ -74,9 +75,15 @@ def split_options(command):
 
 @cli.command()
 @split_options
+@click.option("--objective", type=click.Choice(OBJECTIVES),
+              help=f"sft: the responses' likelihood; dpo or orpo: preference tuning on chosen/rejected pairs, "
+                   f"dpo against the starting model, computed once (default {DEFAULT.objective}).")
+@click.option("--beta", type=float, help=f"dpo's β; orpo's reward scale β (default {DPO_BETA}).")
+@click.option("--orpo-lambda", type=float, help=f"orpo's λ, the weight of its odds-ratio term (default {ORPO_LAMBDA}).")
 @click.option("--data", help="A json, jsonl, csv or parquet file, a save_to_disk directory or a hub dataset id; rows of "
-                             "instruction/output, question/answer, messages, conversations or text (default: built-in "
-                             "arithmetic problems).")
+                             "instruction/output, question/answer, messages, conversations or text; for dpo and orpo, "
+                             "prompt/chosen/rejected (strings or messages), or chosen/rejected conversations or HH "
+                             "transcripts (default: built-in arithmetic problems).")
 @click.option("--data-config", help="A hub dataset's configuration.")
 @click.option("--data-split", help="A hub dataset's (or saved DatasetDict's) split (default train).")
 @click.option("--prompt-field", help="The rows' prompt field, for a layout of their own (with --response-field).")
@@ -152,7 +159,7 @@ def init(ctx: click.Context, config_file, **flags) -> None:
 @cli.command("eval")
 @click.argument("target", metavar="RUN_DIR_OR_MODEL")
 @click.option("--data", required=True, help="Rows in any form finetune's --data takes, or plain text for ppl: a 'text' field or a .txt file.")
-@click.option("--task", type=click.Choice(EVAL_TASKS), help="gen: greedy generation, answer extracted; choice: the most likely answer option; nll: the reference answer's mean NLL per token, with a bootstrap 95% interval; ppl: perplexity (default: chosen by the data).")
+@click.option("--task", type=click.Choice(EVAL_TASKS), help="gen: greedy generation, answer extracted; choice: the most likely answer option; nll: the reference answer's mean NLL per token, with a bootstrap 95% interval; ppl: perplexity; pref: how often the chosen response's reward beats the rejected one's (a dpo or orpo run's implicit reward; else the log-likelihood per token), and the mean margin (default: chosen by the data).")
 @click.option("--bits", type=int, help="A plain model's storage: 4, 8 or 16 (default 16); a run keeps its own.")
 @click.option("--batch-size", type=int, default=EVAL_DEFAULT["batch_size"], show_default=True, help="Rows per batch.")
 @click.option("--max-new-tokens", type=int, default=EVAL_DEFAULT["max_new_tokens"], show_default=True, help="gen: longest answer.")

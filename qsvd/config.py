@@ -12,6 +12,7 @@ from .batching import BATCHINGS
 from .errors import QSVDError
 from .load import EMBEDDED_ALIAS
 from .methods import INIT_SAMPLES, METHODS, AdapterSpec, make_spec
+from .objectives import OBJECTIVES, preference_objective
 
 
 LOGGERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}  # → package
@@ -36,6 +37,9 @@ class FinetuneConfig:
     grad_samples: int | None = None  # lorasb: rows for the gradient estimate (default: INIT_SAMPLES[task_type])
     grad_mem_budget: str | None = None  # lorasb: e.g. "2GB" of gradients at a time (default: half the free memory)
     grad_sketch: bool = False  # lorasb: one pass with a rank-(2r+1) sketch of each gradient instead
+    objective: str = "sft"  # sft, or a preference objective over chosen/rejected pairs: dpo, orpo
+    beta: float | None = None  # dpo's β; orpo's reward scale β (default 0.1, objectives.DPO_BETA)
+    orpo_lambda: float | None = None  # orpo's λ, the weight of its odds-ratio term (default 0.1, objectives.ORPO_LAMBDA)
     init_lr: float | None = None  # lorasb: η of the init step −η·sign(G) (default: lr / full fine-tuning's warm-up steps)
     data: str | None = None  # a file, a save_to_disk directory or a hub id; default: built-in arithmetic problems
     data_config: str | None = None  # a hub dataset's configuration
@@ -123,6 +127,30 @@ class FinetuneConfig:
         self.grad_budget_bytes  # parses --grad-mem-budget
         if self.batching not in BATCHINGS:
             raise QSVDError(f"--batching must be one of {', '.join(BATCHINGS)}, got {self.batching!r}")
+        self.check_objective()
+
+    def check_objective(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise QSVDError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        check_positive({"beta": self.beta, "orpo-lambda": self.orpo_lambda})
+        for flag, value, takes in (("--beta", self.beta, ("dpo", "orpo")), ("--orpo-lambda", self.orpo_lambda, ("orpo",))):
+            if value is not None and self.objective not in takes:
+                raise QSVDError(f"{flag} applies to --objective {' and '.join(takes)}, not {self.objective}")
+        if self.objective == "sft":
+            return
+        if self.batching == "packed":
+            raise QSVDError(f"--objective {self.objective} keeps each pair's two rows in one batch: --batching "
+                            f"packed would pack rows across pairs; choose auto, padded, grouped or padding-free")
+        if self.eval_steps:
+            raise QSVDError(f"--eval-steps scores a supervised held-out loss; with --objective {self.objective}, "
+                            f"score preference pairs after training: --eval-data PAIRS (or qsvd eval --task pref)")
+
+    @property
+    def pair_objective(self):
+        """The preference objective's loss (`objectives.DPO`, `ORPO`), or None for sft."""
+        if self.objective == "sft":
+            return None
+        return preference_objective(self.objective, self.beta, self.orpo_lambda)
 
     def spec(self) -> AdapterSpec:
         return make_spec(self.method, self.rank, self.alpha, self.bits, dropout=self.dropout,

@@ -8,7 +8,8 @@ is the completion, and only the completion's tokens carry loss:
 - chat: OpenAI `messages` ({role, content});
 - sharegpt: `conversations` ({from, value}, from human/gpt/system);
 - fields: --prompt-field → --response-field, for any other layout;
-- text: plain `text`, every token of which carries loss.
+- text: plain `text`, every token of which carries loss;
+- pairs: `chosen` and `rejected` responses to one prompt, for the preference objectives (`pairs`).
 A row that is malformed stops the run with its row number; a row with an empty response, or
 longer than --seq-len (unless --truncate cuts its response), is skipped and counted.
 """
@@ -23,17 +24,18 @@ import datasets
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from .errors import QSVDError, first_line
+from .pairs import PAIR_FIELDS, pair_conversations
 
 IGNORE_INDEX = -100
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
-SHAPES = {"alpaca": ("instruction", "output"), "qa": ("question", "answer"), "chat": ("messages",),
+SHAPES = {"pairs": PAIR_FIELDS, "alpaca": ("instruction", "output"), "qa": ("question", "answer"), "chat": ("messages",),
           "sharegpt": ("conversations",), "text": ("text",)}
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 HUB_DATASET = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w-]*(\.[\w-]+)*")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system", "bing": "assistant", "chatgpt": "assistant"}
 SPLIT_FLAGS = {"--data": "--data-split", "--eval-data": "--eval-split"}  # the flag that picks each one's split
-EVAL_TASKS = ("gen", "choice", "nll", "ppl")  # `qsvd eval --task`; see evaluate.py
+EVAL_TASKS = ("gen", "choice", "nll", "ppl", "pref")  # `qsvd eval --task`; see evaluate.py
 ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+)", re.IGNORECASE)
 SKIPPED_EMPTY = "with an empty response"
 SKIPPED_LONG = "longer than --seq-len"
@@ -147,7 +149,7 @@ def detect_shape(columns: list[str], source: str, prompt_field: str | None = Non
         if all(column in columns for column in needed):
             return Shape(name)
     raise QSVDError(f"{source} has none of the known field sets (instruction/output, question/answer, messages, "
-                    f"conversations, text); its fields are: {', '.join(columns) or 'none'}; name yours with "
+                    f"conversations, text, chosen/rejected); its fields are: {', '.join(columns) or 'none'}; name yours with "
                     f"--prompt-field and --response-field")
 
 
@@ -240,16 +242,26 @@ class TrainingRows(NamedTuple):
 
 def training_rows(data: str | None, seed: int = 0, config: str | None = None, split: str | None = None,
                   prompt_field: str | None = None, response_field: str | None = None,
-                  max_rows: int | None = None) -> TrainingRows:
-    """The rows of `data` (the first `max_rows`) or the built-in set, and their shape: a bad
-    source fails here, before any model is loaded."""
+                  max_rows: int | None = None, objective: str = "sft") -> TrainingRows:
+    """The rows of `data` (the first `max_rows`) or the built-in set, and their shape, which must
+    be pairs for a preference `objective` and not for sft: a bad source fails here, before any
+    model is loaded."""
+    source = f"--data {data}" if data else "the built-in dataset"
+    if not data and objective != "sft":
+        raise QSVDError(f"--objective {objective} trains on preference pairs: give them with --data (fields "
+                        f"prompt/chosen/rejected, or chosen/rejected conversations)")
     rows = read_rows(data, "--data", config, split) if data else synthetic_arithmetic(seed=seed)
     if max_rows is not None:
         rows = rows.select(range(min(max_rows, len(rows))))
-    source = f"--data {data}" if data else "the built-in dataset"
     if len(rows) == 0:
         raise QSVDError(f"{source} has no rows")
-    return TrainingRows(rows, detect_shape(rows.column_names, source, prompt_field, response_field), source)
+    shape = detect_shape(rows.column_names, source, prompt_field, response_field)
+    if (shape.name == "pairs") != (objective != "sft"):
+        raise QSVDError(f"{source} holds preference pairs (chosen/rejected): train them with --objective dpo or orpo"
+                        if shape.name == "pairs" else
+                        f"--objective {objective} trains on preference pairs (chosen and rejected responses); "
+                        f"{source} holds {shape.name} rows, which train with --objective sft")
+    return TrainingRows(rows, shape, source)
 
 
 class Tokenized(NamedTuple):
@@ -266,35 +278,49 @@ class Tokenized(NamedTuple):
 def tokenize_rows(training: TrainingRows, tokenizer: PreTrainedTokenizerBase, seq_len: int,
                   truncate: bool = False) -> Tokenized:
     """Tokenized rows of at most `seq_len` tokens; a longer row is skipped, or with `truncate` its
-    response is cut to fit (a prompt that fills `seq_len` alone is still skipped)."""
+    response is cut to fit (a prompt that fills `seq_len` alone is still skipped). A preference
+    pair is two rows, `chosen_input_ids`/`chosen_labels` and `rejected_…`, kept or skipped together."""
     shape, source = training.shape, training.source
+    prefixes = tuple(f"{side}_" for side in PAIR_FIELDS) if shape.name == "pairs" else ("",)
+    nothing = {f"{prefix}{key}": [] for prefix in prefixes for key in ("input_ids", "labels")} | {"length": 0}
+
+    def sequences(row: dict) -> dict[str, dict[str, list[int]]] | str:
+        """The row's tokenized sequences by column prefix, or why it is skipped."""
+        if shape.name == "text":
+            text = text_of(row["text"], "text")
+            return {"": tokenize_text(text, tokenizer)} if text else SKIPPED_EMPTY
+        conversations = pair_conversations(row) if shape.name == "pairs" else {"": to_chat(row, shape)}
+        if isinstance(conversations, str):
+            return conversations
+        if any(not messages[-1]["content"] for messages in conversations.values()):
+            return SKIPPED_EMPTY
+        return {prefix: tokenize(messages, tokenizer) for prefix, messages in conversations.items()}
 
     def tokenize_row(row: dict, index: int) -> dict:
         try:
-            if shape.name == "text":
-                text = text_of(row["text"], "text")
-                ids = tokenize_text(text, tokenizer) if text else None
-            else:
-                messages = to_chat(row, shape)
-                ids = tokenize(messages, tokenizer) if messages[-1]["content"] else None
+            tokenized = sequences(row)
         except ValueError as error:
             raise malformed_row(source, index + 1, error) from None
-        if ids is None:
-            return {"input_ids": [], "labels": [], "skipped": SKIPPED_EMPTY}
-        if len(ids["input_ids"]) > seq_len:
-            if not truncate or ids["labels"][seq_len - 1] == IGNORE_INDEX:
-                return {**ids, "skipped": f"{SKIPPED_LONG} {seq_len}"}
-            ids = {key: value[:seq_len] for key, value in ids.items()}
-        return {**ids, "skipped": ""}
+        if isinstance(tokenized, str):
+            return {**nothing, "skipped": tokenized}
+        columns = {}
+        for prefix, ids in tokenized.items():
+            if len(ids["input_ids"]) > seq_len:
+                if not truncate or ids["labels"][seq_len - 1] == IGNORE_INDEX:
+                    return {**nothing, "skipped": f"{SKIPPED_LONG} {seq_len}", "length": len(ids["input_ids"])}
+                ids = {key: value[:seq_len] for key, value in ids.items()}
+            columns |= {f"{prefix}{key}": value for key, value in ids.items()}
+        return {**columns, "skipped": "", "length": 0}
 
     tokenized = training.rows.map(tokenize_row, with_indices=True, remove_columns=training.rows.column_names,
                                   desc="tokenize")
     skipped = dict(Counter(reason for reason in tokenized["skipped"] if reason))
-    kept = tokenized.filter(lambda row: not row["skipped"], desc="skip").remove_columns("skipped")
+    kept = tokenized.filter(lambda row: not row["skipped"], desc="skip").remove_columns(["skipped", "length"])
     if len(kept) == 0:
         if f"{SKIPPED_LONG} {seq_len}" not in skipped:
-            raise QSVDError(f"every row of {source} has an empty response: there is nothing to train on")
-        shortest = min(len(ids) for ids in tokenized["input_ids"] if ids)
+            reasons = "; ".join(skipped)
+            raise QSVDError(f"no row of {source} is left to train on: every one is skipped ({reasons})")
+        shortest = min(length for length in tokenized["length"] if length)
         raise QSVDError(f"no row of {source} fits in --seq-len {seq_len} (the shortest has {shortest} tokens); "
                         f"raise --seq-len, or pass --truncate to cut the responses")
     return Tokenized(kept, len(training.rows), skipped)
@@ -362,8 +388,8 @@ def read_eval_rows(path: str | Path, flag: str = "--data", config: str | None = 
 
 
 def pick_task(rows: datasets.Dataset, task: str | None, source: str) -> str:
-    """The task asked for, or one that fits the rows: text → ppl; rows with answer options →
-    choice; any other row with a reference answer → gen."""
+    """The task asked for, or one that fits the rows: text → ppl; preference pairs → pref; rows
+    with answer options → choice; any other row with a reference answer → gen."""
     if task is not None and task not in EVAL_TASKS:
         raise QSVDError(f"--task must be one of {', '.join(EVAL_TASKS)}, got {task!r}")
     if "text" in rows.column_names:
@@ -373,9 +399,13 @@ def pick_task(rows: datasets.Dataset, task: str | None, source: str) -> str:
     if task == "ppl":
         raise QSVDError(f"--task ppl needs a 'text' field or a .txt file; {source} has fields "
                         f"{', '.join(rows.column_names)}")
-    detect_shape(rows.column_names, source)
+    pairs = detect_shape(rows.column_names, source).name == "pairs"
     if task is None:
-        return "choice" if row_options(rows[0]) else "gen"
+        return "pref" if pairs else "choice" if row_options(rows[0]) else "gen"
+    if pairs != (task == "pref"):
+        raise QSVDError(f"{source} holds preference pairs (chosen/rejected): it takes --task pref, not {task}" if pairs
+                        else f"--task pref needs preference pairs (chosen and rejected responses); {source} has "
+                             f"fields {', '.join(rows.column_names)}")
     return task
 
 

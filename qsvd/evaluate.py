@@ -10,9 +10,13 @@ Tasks:
   masked as in training: Σ_rows NLL / Σ_rows tokens, a continuous measure far less noisy than
   accuracy on a small model.
 - ppl: perplexity exp(Σ NLL / Σ tokens) of plain text, cut into windows of `seq_len` tokens.
+- pref: preference pairs; how often the chosen response's reward beats the rejected one's, and
+  their mean margin. The reward is the run's objective's (`objectives`): DPO's β(π − π_ref)
+  against the run's starting adapter, ORPO's β π̄; for a plain model or an sft run, π̄, the mean
+  log-likelihood per token.
 
-Accuracy comes with a 95% Wilson score interval, the answer NLL with a bootstrap 95% interval
-over rows, and every example's prediction is written to a JSONL file.
+Accuracy comes with a 95% Wilson score interval, the answer NLL and the preference margin with a
+bootstrap 95% interval over rows, and every example's prediction is written to a JSONL file.
 """
 
 import json
@@ -28,13 +32,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .config import check_positive
 from .console import console
-from .data import (IGNORE_INDEX, Shape, collator, detect_shape, malformed_row, pick_task, prompt_and_completion,
-                   read_eval_rows, row_options, text_windows, to_chat, tokenize, tokenize_prompt)
+from .data import (IGNORE_INDEX, Shape, TrainingRows, collator, detect_shape, malformed_row, pick_task,
+                   prompt_and_completion, read_eval_rows, row_options, text_windows, to_chat, tokenize,
+                   tokenize_prompt, tokenize_rows)
 from .errors import QSVDError
 from .files import publish
 from .load import load_tokenizer, resolve_model
 from .loss import row_log_likelihoods
-from .run_dir import is_run, load_run
+from .objectives import PerToken, adapter_swapped, halves, pair_log_likelihoods, preference_objective
+from .pairs import PairCollator, pair_lengths
+from .run_dir import is_run, load_run, read_run
 from .split import quantized_model
 
 BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 2000, 0
@@ -50,6 +57,10 @@ class EvalResult:
     tokens: int | None = None  # ppl, nll
     nll: float | None = None  # nll: per token
     nll_ci95: tuple[float, float] | None = None  # nll: bootstrap over rows
+    margin: float | None = None  # pref: the mean reward margin, chosen − rejected
+    margin_ci95: tuple[float, float] | None = None  # pref: bootstrap over pairs
+    reward: str | None = None  # pref: the objective whose reward compares the pair
+    skipped: dict[str, int] | None = None  # pref: pairs not scored, by why
     predictions: str = ""
 
     @property
@@ -69,8 +80,13 @@ class EvalResult:
             return (f"perplexity {self.perplexity:.3f} over {self.tokens:,} tokens in {self.examples} "
                     f"windows | predictions: {self.predictions}")
         low, high = wilson_interval(self.correct, self.examples)
-        return (f"accuracy {100 * self.accuracy:.1f}% ({self.correct}/{self.examples}), 95% CI "
-                f"{100 * low:.1f}–{100 * high:.1f}% | predictions: {self.predictions}")
+        accuracy = (f"accuracy {100 * self.accuracy:.1f}% ({self.correct}/{self.examples}), 95% CI "
+                    f"{100 * low:.1f}–{100 * high:.1f}%")
+        if self.task == "pref":
+            skipped = f", {sum(self.skipped.values())} pairs skipped" if self.skipped else ""
+            accuracy = (f"preference {accuracy}; mean margin {self.margin:.4f}, 95% CI {self.margin_ci95[0]:.4f}–"
+                        f"{self.margin_ci95[1]:.4f} (reward: {self.reward}{skipped})")
+        return f"{accuracy} | predictions: {self.predictions}"
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -81,12 +97,13 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
-def bootstrap_interval(nll: list[float], tokens: list[int], samples: int = BOOTSTRAP_SAMPLES,
+def bootstrap_interval(nll: list[float], tokens: list[int] | None = None, samples: int = BOOTSTRAP_SAMPLES,
                        seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
     """The 95% percentile bootstrap interval of Σ nll / Σ tokens, the rows resampled with
     replacement. Given per-row differences of two models' NLL on the same rows, it is the paired
-    interval of the difference of their means."""
-    nll, tokens = torch.tensor(nll, dtype=torch.float64), torch.tensor(tokens, dtype=torch.float64)
+    interval of the difference of their means. Without `tokens`, the interval of the plain mean."""
+    nll = torch.tensor(nll, dtype=torch.float64)
+    tokens = torch.ones_like(nll) if tokens is None else torch.tensor(tokens, dtype=torch.float64)
     rows = torch.randint(len(nll), (samples, len(nll)), generator=torch.Generator().manual_seed(seed))
     means = nll[rows].sum(dim=1) / tokens[rows].sum(dim=1)
     low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
@@ -287,16 +304,60 @@ def answer_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     return [{"gold": example.gold, **result} for example, result in zip(examples, results)]
 
 
+@torch.inference_mode()
+def pair_log_likelihoods_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: datasets.Dataset,
+                            batch_size: int, description: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """π and |y| of every pair's responses, as [pairs, 2] (chosen, rejected), in batches of pairs."""
+    collate = PairCollator(collator(tokenizer))
+    sums, counts = torch.zeros(len(pairs), 2, dtype=torch.float64), torch.zeros(len(pairs), 2, dtype=torch.long)
+    for batch in track(by_length(pair_lengths(pairs), lambda length: length, batch_size), description=description,
+                       console=console):
+        inputs = collate([pairs[i] for i in batch])
+        batch_sums, batch_counts = pair_log_likelihoods(model, {key: value.to(model.device)
+                                                                for key, value in inputs.items()})
+        sums[batch] = torch.stack(halves(batch_sums.double().cpu()), dim=1)
+        counts[batch] = torch.stack(halves(batch_counts.cpu()), dim=1)
+    return sums, counts
+
+
+def preferences(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: datasets.Dataset, objective,
+                reference_adapter: dict[str, torch.Tensor] | None, batch_size: int, seq_len: int,
+                source: str) -> tuple[list[dict], dict[str, int]]:
+    """Each pair's rewards under `objective` (against `reference_adapter` where it needs a
+    reference), and the pairs skipped, by why (a response cut to `seq_len`, as training's)."""
+    tokenized = tokenize_rows(TrainingRows(rows, Shape("pairs"), source), tokenizer, seq_len, truncate=True)
+    pairs = tokenized.rows
+    sums, counts = pair_log_likelihoods_of(model, tokenizer, pairs, batch_size, "preference log-likelihoods")
+    reference = None
+    if objective.needs_reference:
+        if reference_adapter is None:
+            raise QSVDError(f"{objective.name}'s reward needs the run's reference adapter, which it lacks")
+        with adapter_swapped(model, reference_adapter):
+            reference, _ = pair_log_likelihoods_of(model, tokenizer, pairs, batch_size, "reference log-likelihoods")
+    rewards = objective.rewards(sums, counts, reference)
+    results = [{"chosen_logp": round(s[0], 6), "rejected_logp": round(s[1], 6), "chosen_tokens": c[0],
+                "rejected_tokens": c[1], "chosen_reward": round(r[0], 6), "rejected_reward": round(r[1], 6),
+                "margin": round(r[0] - r[1], 6), "correct": r[0] > r[1]}
+               for s, c, r in zip(sums.tolist(), counts.tolist(), rewards.tolist())]
+    return results, tokenized.skipped
+
+
 # -- running an evaluation -------------------------------------------------------------------
 
 def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: datasets.Dataset,
                    task: str, predictions: str | Path, batch_size: int = 8, max_new_tokens: int = 256,
-                   seq_len: int = 512, source: str = "--data") -> EvalResult:
-    """Score `model` on `rows` by `task`, write one JSON line an example to `predictions`."""
+                   seq_len: int = 512, source: str = "--data", objective=PerToken(),
+                   reference_adapter: dict[str, torch.Tensor] | None = None) -> EvalResult:
+    """Score `model` on `rows` by `task`, write one JSON line an example to `predictions`; a pref
+    task compares the pairs by `objective`'s reward (against `reference_adapter`, for DPO's)."""
     was_training = model.training
     model.eval()
+    skipped = None
     try:
-        if task == "ppl":
+        if task == "pref":
+            results, skipped = preferences(model, tokenizer, rows, objective, reference_adapter, batch_size,
+                                           seq_len, source)
+        elif task == "ppl":
             results = text_log_likelihoods(model, tokenizer, rows["text"], seq_len, batch_size)
         else:
             scorers = {"gen": lambda examples: generate_answers(model, tokenizer, examples, batch_size, max_new_tokens),
@@ -319,6 +380,11 @@ def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
                               predictions=str(predictions))
         return EvalResult(task, len(results), tokens=sum(tokens), nll=mean, nll_ci95=bootstrap_interval(nll, tokens),
                           predictions=str(predictions))
+    if task == "pref":
+        margins = [r["margin"] for r in results]
+        return EvalResult(task, len(results), correct=sum(r["correct"] for r in results),
+                          margin=sum(margins) / len(margins), margin_ci95=bootstrap_interval(margins),
+                          reward=objective.name, skipped=skipped, predictions=str(predictions))
     return EvalResult(task, len(results), correct=sum(r["correct"] for r in results), predictions=str(predictions))
 
 
@@ -353,14 +419,20 @@ def evaluate(target: str | Path, data: str | Path, task: str | None = None, pred
             raise QSVDError(f"{target} is a trained run: its frozen base keeps the bits it was trained with; drop --bits")
         if revision is not None:
             raise QSVDError(f"{target} is a trained run: it keeps the base model it was trained on; drop --revision")
-        model, tokenizer = load_run(target)
+        run = read_run(target)
+        model, tokenizer = load_run(run)
+        settings = run.record["config"]
+        objective = preference_objective(settings.get("objective", "sft"), settings.get("beta"),
+                                         settings.get("orpo_lambda"))
+        reference_adapter = run.reference_adapter
         default_predictions = target / f"eval-{Path(data).stem}-{task}.jsonl"
     else:
         files = resolve_model(str(target), revision)
         tokenizer = load_tokenizer(files)  # checked before any weight is read
         model = quantized_model(files, bits or 16)
+        objective, reference_adapter = PerToken(), None
         default_predictions = Path(f"eval-{target.stem}-{Path(data).stem}-{task}.jsonl")
     result = evaluate_model(model, tokenizer, rows, task, predictions or default_predictions, batch_size,
-                            max_new_tokens, seq_len, f"--data {data}")
+                            max_new_tokens, seq_len, f"--data {data}", objective, reference_adapter)
     console.print(result.line())
     return result

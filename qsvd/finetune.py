@@ -7,10 +7,14 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
 import datasets
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase, set_seed
 
@@ -25,9 +29,12 @@ from .errors import Interrupted, QSVDError, first_line, is_disk_full, out_of_mem
 from .evaluate import evaluate_model
 from .files import one_writer, publish, remove
 from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
+from .loss import supervised_loss
 from .methods import METHODS
+from .pairs import PAIR_FIELDS
+from .objectives import preference_objective, reference_log_likelihoods, start_loss, trainable_tensors, with_reference
 from .prepared import find_prepared, load_or_split, split_to_disk
-from .run_dir import LOGS, write_run
+from .run_dir import LOGS, REFERENCE_FILE, write_run
 from .split import adapter_layers, find_targets
 from .train import CHECKPOINTING, NonFiniteLoss, first_step_lr, train
 
@@ -105,10 +112,15 @@ def recipe(config: FinetuneConfig, state, start: float) -> RunSummary:
         init_from_gradients(model, dataset, tokenizer, config, batching)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    # 4. train, checkpointing into the work dir beside --output; 5. publish the run in one rename
-    #    (by the main process; the others wait until it is published)
+    # 4. train, checkpointing into the work dir beside --output (DPO's reference first: see
+    #    `dpo_reference`); 5. publish the run in one rename (by the main process; the others wait
+    #    until it is published)
     work = start_work_dir(config, output) if state.is_main_process else work_dir(output)
     try:
+        reference_adapter = None
+        if config.pair_objective is not None and config.pair_objective.needs_reference:
+            with state.main_process_first():
+                dataset, reference_adapter = dpo_reference(model, dataset, tokenizer, config, batching, work)
         outcome = train_with_advice(model, tokenizer, dataset, config, work, resume_from, batching, held_out)
         if outcome.best is not None:  # --keep-best
             model.load_state_dict(outcome.best_adapter, strict=False)
@@ -127,7 +139,8 @@ def recipe(config: FinetuneConfig, state, start: float) -> RunSummary:
                       "setup_peak_memory_mb": outcome.setup_peak_memory_mb,
                       "train_peak_memory_mb": outcome.train_peak_memory_mb,
                       "peak_memory_mb": outcome.peak_memory_mb, "best": outcome.best, "eval": {}}
-            publish(output, lambda stage: write_run_files(stage, model, tokenizer, evaluations, record, outcome, work))
+            publish(output, lambda stage: write_run_files(stage, model, tokenizer, evaluations, record, outcome, work,
+                                                          reference_adapter))
             remove(work)
         state.wait_for_everyone()
     finally:
@@ -140,39 +153,72 @@ def recipe(config: FinetuneConfig, state, start: float) -> RunSummary:
 
 
 def write_run_files(stage: Path, model: nn.Module, tokenizer, evaluations: list, record: dict, outcome,
-                    work: Path) -> None:
+                    work: Path, reference_adapter: dict | None) -> None:
     """The run's files, into its temporary directory `stage`: each --eval-data score and predictions,
     the --report-to tensorboard event files (a copy: the work dir keeps them until the run is
     published) and the run directory's own files."""
     output = record["config"]["output"]
+    objective = preference_objective(record["config"]["objective"], record["config"]["beta"],
+                                     record["config"]["orpo_lambda"])
     for path, rows, task in evaluations:
         predictions = f"eval-{path.stem}-{task}.jsonl"
         with out_of_memory_advice(f"evaluating on {path}", f"evaluate later with `qsvd eval {output} "
                                   f"--data {path} --batch-size 1`"):
-            result = evaluate_model(model, tokenizer, rows, task, stage / predictions, source=f"--eval-data {path}")
+            result = evaluate_model(model, tokenizer, rows, task, stage / predictions, source=f"--eval-data {path}",
+                                    objective=objective, reference_adapter=reference_adapter)
         console.print(f"{path.name}: {result.line().rsplit(' | ', 1)[0]}")
         record["eval"][path.stem] = result.summary() | {"predictions": predictions}
     if (work / LOGS).is_dir():
         shutil.copytree(work / LOGS, stage / LOGS)
-    write_run(stage, model, record, outcome.log_history)
+    write_run(stage, model, record, outcome.log_history, reference_adapter)
+
+
+def dpo_reference(model: nn.Module, dataset: datasets.Dataset, tokenizer, config: FinetuneConfig, batching: Batching,
+                  work: Path) -> tuple[datasets.Dataset, dict[str, torch.Tensor]]:
+    """DPO's reference, the model as training starts, without a second model: π_ref of every pair,
+    computed once with the starting adapter, and that adapter's trainable tensors (which the run
+    keeps, for `qsvd eval`). Both are kept in the work dir, so that a resumed run (whose model
+    holds the trained adapter) and every other process reuse them. Returns the pairs with their
+    π_ref, and the tensors."""
+    path = work / REFERENCE_FILE
+    if not path.is_file():
+        dtype = compute_dtype(model.device, config.spec())
+        attend_rows_alone(model, batching, dtype)
+        collate = batch_collator(tokenizer, batching, pairs=True)
+        with out_of_memory_advice("computing dpo's reference log-likelihoods", "a smaller --batch-size"):
+            saved = reference_log_likelihoods(model, dataset, collate, config.batch_size,
+                                              None if dtype == torch.float32 else dtype)
+        saved |= {f"adapter.{name}": tensor for name, tensor in trainable_tensors(model).items()}
+        publish(path, lambda tmp: save_file(saved, tmp), directory=False)
+    try:
+        saved = load_file(path)
+        reference = {side: saved.pop(side) for side in PAIR_FIELDS}
+    except (SafetensorError, OSError, KeyError) as error:
+        raise QSVDError(f"{path} is not a readable reference file ({first_line(error)}); start over with --overwrite") from None
+    if any(len(values) != len(dataset) for values in reference.values()):
+        raise QSVDError(f"{path} holds the reference of {len(reference['chosen'])} pairs, not of the {len(dataset)} "
+                        f"training pairs; start over with --overwrite")
+    return with_reference(dataset, reference), {name.removeprefix("adapter."): t for name, t in saved.items()}
 
 
 def init_from_gradients(model: nn.Module, dataset, tokenizer, config: FinetuneConfig, batching: Batching) -> None:
     """The adapters of a method set from gradients (LoRA-SB's factors), from the gradients of the
-    first --grad-samples rows (in batches of --batch-size rows, flattened as training's are when
+    objective's loss on the first --grad-samples rows or pairs (in batches of --batch-size rows, flattened as training's are when
     `batching` flattens them), at η = `first_step_lr`."""
     if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
     attend_rows_alone(model, batching, compute_dtype(model.device, config.spec()))
-    batches = first_batches(dataset, batch_collator(tokenizer, batching), config.gradient_samples, config.batch_size,
-                            config.seed)
+    objective = config.pair_objective  # a preference objective's gradient at the start, from pairs
+    loss = supervised_loss if objective is None else partial(start_loss, objective)
+    batches = first_batches(dataset, batch_collator(tokenizer, batching, pairs=objective is not None),
+                            config.gradient_samples, config.batch_size, config.seed)
     lr = first_step_lr(config, len(dataset))
     console.print(f"{config.method}: init step η = {lr:.3g}" + ("" if config.init_lr else
                   f" (--lr {config.learning_rate:g} over full fine-tuning's warm-up; --init-lr sets it)"))
     with out_of_memory_advice(f"estimating {config.method}'s gradients", "--grad-mem-budget 1GB, --grad-sketch, "
                               "or fewer --grad-samples"):
         METHODS[config.method].init_from_gradients(model, adapter_layers(model), batches, lr, config.grad_budget_bytes,
-                                                   config.grad_sketch)
+                                                   config.grad_sketch, loss)
 
 
 class Inputs(NamedTuple):
@@ -191,7 +237,7 @@ def check_inputs(config: FinetuneConfig) -> Inputs:
     resume_from = resume_point(config, config.output_dir)
     training = training_rows(config.data, config.seed, config=config.data_config, split=config.data_split,
                              prompt_field=config.prompt_field, response_field=config.response_field,
-                             max_rows=config.max_rows)
+                             max_rows=config.max_rows, objective=config.objective)
     return Inputs(resume_from, training, eval_sets(config.eval_data or [], config.eval_task, config.eval_split),
                   *model_files(config))
 

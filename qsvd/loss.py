@@ -80,11 +80,24 @@ def supervised_loss(model: PreTrainedModel, inputs: dict[str, torch.Tensor],
 
 
 def row_log_likelihoods(model: PreTrainedModel, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's Σ_t log p(y_{t+1} | y_≤t) over its supervised tokens, and their count."""
+    """Each row's Σ_t log p(y_{t+1} | y_≤t) over its supervised tokens, and their count; the rows
+    of a flattened batch (one sequence whose `position_ids` restart at each row) told apart."""
     losses, mask = supervised_token_losses(model, inputs, reduction="none")
-    rows = mask.nonzero()[:, 0]
-    sums = torch.zeros(mask.shape[0], device=losses.device).index_add_(0, rows, -losses)
-    return sums, mask.sum(dim=1)
+    row_of = row_numbers(inputs)[:, 1:]
+    rows = row_of[mask]
+    count = int(row_of.max()) + 1
+    sums = torch.zeros(count, device=losses.device, dtype=losses.dtype).index_add_(0, rows, -losses)
+    return sums, torch.bincount(rows, minlength=count)
+
+
+def row_numbers(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The row each token belongs to: its batch row, or in a flattened batch the row whose
+    `position_ids` restart last at or before it."""
+    ids = inputs["input_ids"]
+    positions = inputs.get("position_ids")
+    if ids.shape[0] == 1 and positions is not None:
+        return (positions == 0).cumsum(dim=1).sub(1).clamp_min(0)
+    return torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
 
 
 def plain_logits(model: PreTrainedModel) -> bool:

@@ -5,8 +5,11 @@ A run directory holds
 - qsvd_config.json: the resolved config, the layer spec, the targets, the model fingerprint,
   the compute dtype and the adapter file's sha256: all that `load_run` and `qsvd export` need
   to rebuild or convert the model without any SVD;
-- train_log.jsonl: Trainer's log, one entry a line;
-- loss.png: the training loss against the step (and the --eval-steps held-out losses, the --eval-data scores);
+- reference_adapter.safetensors: with --objective dpo, the trainable tensors at the start, DPO's
+  reference (`objectives`), for `qsvd eval --task pref`;
+- train_log.jsonl: Trainer's log, one entry a line (with a preference objective, its rewards);
+- loss.png: the training loss against the step (and the --eval-steps held-out losses, the --eval-data
+  scores, a preference objective's rewards);
 - logs/: with --report-to tensorboard, its event files.
 """
 
@@ -28,6 +31,9 @@ from .version import __version__
 from .weights import open_weights
 
 ADAPTER_FILE = "adapter.safetensors"
+REFERENCE_ADAPTER_FILE = "reference_adapter.safetensors"
+REFERENCE_FILE = "reference.safetensors"  # in the work dir: DPO's π_ref of each training pair, and the reference adapter
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins")  # plotted, with rewards/accuracies
 CONFIG_FILE = "qsvd_config.json"
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss.png"
@@ -35,11 +41,15 @@ LOGS = "logs"  # --report-to tensorboard's event files
 RECORD_KEYS = ("spec", "targets", "config", "model_fingerprint", "trainable_params", "final_loss")
 
 
-def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dict]) -> None:
+def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dict],
+              reference_adapter: dict[str, torch.Tensor] | None = None) -> None:
     """Write the run files into `stage`, the run's temporary directory (`files.publish`); the record
-    seals the adapter with its sha256."""
+    seals the adapter, and DPO's reference adapter, with their sha256."""
     save_file(adapter_state(model), stage / ADAPTER_FILE, metadata={"format": "pt"})
     compute_dtype = str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    if reference_adapter is not None:
+        save_file(reference_adapter, stage / REFERENCE_ADAPTER_FILE, metadata={"format": "pt"})
+        record = record | {"reference_adapter_sha256": file_sha256(stage / REFERENCE_ADAPTER_FILE)}
     record = {"qsvd_version": __version__, "spec": asdict(model.qsvd_spec), "targets": model.qsvd_targets,
               "compute_dtype": compute_dtype, "adapter_sha256": file_sha256(stage / ADAPTER_FILE), **record}
     (stage / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
@@ -49,12 +59,13 @@ def write_run(stage: Path, model: nn.Module, record: dict, log_history: list[dic
 
 def plot_losses(path: Path, log_history: list[dict], evals: dict[str, dict]) -> None:
     """The training loss against the step, each --eval-steps held-out loss, and each --eval-data
-    score at the last step."""
+    score at the last step; under it, a preference objective's rewards."""
     from matplotlib.figure import Figure  # no pyplot: no display or global state needed
 
     steps = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
-    figure = Figure(figsize=(7, 4), layout="constrained")
-    axes = figure.subplots()
+    rewards = any(REWARDS[0] in entry for entry in log_history)
+    figure = Figure(figsize=(7, 7 if rewards else 4), layout="constrained")
+    axes, *reward_axes = figure.subplots(2 if rewards else 1, squeeze=False)[:, 0]
     if steps:
         axes.plot(*zip(*steps), label="training loss")
     for metric in dict.fromkeys(key for entry in log_history for key in entry if held_out_loss(key)):
@@ -70,7 +81,22 @@ def plot_losses(path: Path, log_history: list[dict], evals: dict[str, dict]) -> 
         scores.set_ylabel("eval score")
         scores.legend(loc="upper right")
     axes.legend(loc="upper left")
+    for rewards_axes in reward_axes:
+        plot_rewards(rewards_axes, log_history)
     figure.savefig(path, dpi=100)
+
+
+def plot_rewards(axes, log_history: list[dict]) -> None:
+    """A preference objective's logged rewards and reward accuracy against the step."""
+    for key in REWARDS:
+        axes.plot(*zip(*[(entry["step"], entry[key]) for entry in log_history if key in entry]), label=key)
+    accuracy = axes.twinx()
+    accuracy.plot(*zip(*[(entry["step"], entry["rewards/accuracies"]) for entry in log_history
+                         if "rewards/accuracies" in entry]), "k:", label="rewards/accuracies")
+    axes.set(xlabel="step", ylabel="reward", title="rewards")
+    accuracy.set(ylabel="accuracy", ylim=(-0.05, 1.05))
+    axes.legend(loc="upper left")
+    accuracy.legend(loc="upper right")
 
 
 def held_out_loss(key: str) -> bool:
@@ -95,6 +121,7 @@ class Run:
     fingerprint: str
     tensors: dict[str, torch.Tensor]
     log: list[dict]  # Trainer's log entries
+    reference_adapter: dict[str, torch.Tensor] | None = None  # --objective dpo: the trainable tensors at the start
 
     def layer_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """One target's adapter tensors, by their names in the layer (lora_A, core, magnitude, …)."""
@@ -150,6 +177,18 @@ def read_record(path: Path) -> dict:
     return record
 
 
+def sealed_tensors(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+    """A run's safetensors file, checked against the sha256 its record holds (a run from before
+    checksums were recorded has none)."""
+    if sha256 is not None and seal_problem(path.parent, {path.name: sha256}) is not None:
+        raise QSVDError(f"{path} does not match the checksum in {CONFIG_FILE}: the file is corrupt, changed or "
+                        f"missing; the run cannot be used, train it again")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise QSVDError(f"{path} is not a readable safetensors file ({error})") from None
+
+
 def read_run(run_dir: str | Path) -> Run:
     """Open a run directory, or say clearly why it is not a complete, intact qsvd run."""
     run_dir = Path(run_dir)
@@ -160,16 +199,11 @@ def read_run(run_dir: str | Path) -> Run:
         raise QSVDError(f"{run_dir} is not a complete qsvd run ({what}); point at the --output "
                         f"directory of a finished `qsvd finetune`")
     record = read_record(config_path)
-    expected = record.get("adapter_sha256")  # a run from before checksums were recorded has none
-    if expected is not None and seal_problem(run_dir, {ADAPTER_FILE: expected}) is not None:
-        raise QSVDError(f"{adapter_path} does not match the checksum in {CONFIG_FILE}: the file is "
-                        f"corrupt or was changed; the run cannot be used, train it again")
-    try:
-        tensors = load_file(adapter_path)
-    except (SafetensorError, OSError) as error:
-        raise QSVDError(f"{adapter_path} is not a readable safetensors file ({error})") from None
+    reference = record.get("reference_adapter_sha256")
     run = Run(run_dir, record, AdapterSpec(**record["spec"]), list(record["targets"]), record["config"]["model"],
-              record["model_fingerprint"], tensors, read_log(run_dir / LOG_FILE))
+              record["model_fingerprint"], sealed_tensors(run_dir / ADAPTER_FILE, record.get("adapter_sha256")),
+              read_log(run_dir / LOG_FILE),
+              sealed_tensors(run_dir / REFERENCE_ADAPTER_FILE, reference) if reference else None)
     empty = [name for name in run.targets if not run.layer_tensors(name)]
     if empty:
         raise QSVDError(f"{adapter_path} has no tensors for layer {empty[0]} ({len(empty)} layers "
@@ -177,9 +211,9 @@ def read_run(run_dir: str | Path) -> Run:
     return run
 
 
-def load_run(run_dir: str | Path, device=None):
-    """(model, tokenizer) rebuilt from a run directory: the base model plus the trained adapter."""
-    run = read_run(run_dir)
+def load_run(run_dir: "str | Path | Run", device=None):
+    """(model, tokenizer) rebuilt from a run directory (or one read): the base model plus the trained adapter."""
+    run = run_dir if isinstance(run_dir, Run) else read_run(run_dir)
     files = run.model_files()
     model = empty_model(files, run.trust_remote_code)
     model = restore(model, run.spec, run.targets, run.tensors, device=device,

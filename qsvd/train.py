@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -29,6 +30,8 @@ from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
 from .errors import Interrupted, raise_interrupted
 from .loss import supervised_loss
+from .objectives import batch_loss
+from .pairs import is_pairs, pair_lengths
 from .memory import peak_memory_mb, reset_peak_memory, return_freed_memory
 from .devices import compute_dtype
 from .split import adapter_state
@@ -253,7 +256,8 @@ class SupervisedTokensTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        return LengthGroupedSampler(global_batch, [len(ids) for ids in dataset["input_ids"]], self.args.data_seed)
+        lengths = pair_lengths(dataset) if is_pairs(dataset) else [len(ids) for ids in dataset["input_ids"]]
+        return LengthGroupedSampler(global_batch, lengths, self.args.data_seed)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -275,7 +279,7 @@ class SupervisedTokensTrainer(Trainer):
         self.model.load_state_dict(tensors, strict=False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`supervised_loss`, called as the model's forward: through DDP's forward when DDP wraps the
+        """`batch_loss`, called as the model's forward: through DDP's forward when DDP wraps the
         model (its gradient hooks need it), and under the accelerator's autocast in one process as in
         many (accelerate puts autocast around the model's own forward, which this replaces). An
         evaluation takes the same loss, with no logits kept."""
@@ -284,13 +288,45 @@ class SupervisedTokensTrainer(Trainer):
         inner = self.accelerator.unwrap_model(model)
 
         def loss_forward(**batch):
-            return supervised_loss(inner, batch, num_items_in_batch if scaled else None)
+            return self.batch_loss(inner, batch, num_items_in_batch if scaled else None)
 
         with forward_replaced(inner, loss_forward), self.accelerator.autocast():
             loss = model(**inputs)
         if self.args.average_tokens_across_devices and scaled:
             loss = loss * self.accelerator.num_processes
         return (loss, {}) if return_outputs else loss  # an evaluation's outputs: its loss alone
+
+    def batch_loss(self, model: nn.Module, batch: dict, num_items: torch.Tensor | None) -> torch.Tensor:
+        return supervised_loss(model, batch, num_items)
+
+
+class PreferenceTrainer(SupervisedTokensTrainer):
+    """The trainer for a preference objective (`objectives`): each batch is B pairs as 2B rows, its
+    loss the objective's mean over the pairs (which Trainer divides by --grad-accum), and the
+    objective's metrics (rewards/chosen, rewards/margins, …) are logged with the loss, each the
+    mean over every pair of every process since the last log, as TRL logs them."""
+
+    def __init__(self, *args, objective, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.model_accepts_loss_kwargs = False
+        self.metric_sums: dict[str, list[torch.Tensor]] = {}
+
+    def batch_loss(self, model, batch, num_items):
+        loss, metrics = batch_loss(self.objective, model, batch)
+        for key, values in metrics.items():
+            total = self.metric_sums.setdefault(key, [torch.zeros((), dtype=torch.float64, device=values.device)] * 2)
+            total[0] = total[0] + values.double().sum()
+            total[1] = total[1] + values.numel()
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.metric_sums:
+            for key, (total, count) in self.metric_sums.items():
+                total, count = self.accelerator.reduce(torch.stack([total, count]), reduction="sum")
+                logs[key] = round((total / count).item(), 6)
+            self.metric_sums.clear()
+        super().log(logs, start_time)
 
 
 @contextmanager
@@ -390,8 +426,11 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
         tensorboard.logging_dir = str(logs or work_dir / "logs")
         callbacks.append(tensorboard)
     examples = training_examples(dataset, batching, config.seq_len)
-    trainer = trainer_class(model=model, args=args, train_dataset=examples,
-                            eval_dataset=held_out or None, data_collator=batch_collator(tokenizer, batching),
+    objective = config.pair_objective
+    if objective is not None:
+        trainer_class = partial(PreferenceTrainer, objective=objective)
+    trainer = trainer_class(model=model, args=args, train_dataset=examples, eval_dataset=held_out or None,
+                            data_collator=batch_collator(tokenizer, batching, pairs=objective is not None),
                             processing_class=tokenizer, callbacks=callbacks)
     setup_peak = peak_memory_mb(model.device)
     return_freed_memory(collect=True)  # what setup left behind, so the training peak is training's own

@@ -95,9 +95,10 @@ class AdapterLayer(nn.Module):
 
     @classmethod
     def init_from_gradients(cls, model: nn.Module, layers: dict[str, "AdapterLayer"], batches: Sequence[dict],
-                            lr: float, budget_bytes: int | None = None, sketch: bool = False) -> None:
-        """Set the layers' tensors from the gradients of `batches`, for a method that `needs_gradient_init`;
-        `budget_bytes` bounds the gradients held at once, `sketch` holds a sketch of each instead."""
+                            lr: float, budget_bytes: int | None = None, sketch: bool = False, loss=None) -> None:
+        """Set the layers' tensors from the gradients of `loss(model, batch)` (default: the supervised
+        loss) over `batches`, for a method that `needs_gradient_init`; `budget_bytes` bounds the
+        gradients held at once, `sketch` holds a sketch of each instead."""
         raise NotImplementedError
 
     @classmethod

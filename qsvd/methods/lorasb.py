@@ -39,8 +39,8 @@ class LoRASBLayer(LoRAXSLayer):
                 "lora_A": weight.new_zeros(spec.rank, in_features)}
 
     @classmethod
-    def init_from_gradients(cls, model, layers, batches, lr, budget_bytes=None, sketch=False):
-        init_from_gradients(model, layers, batches, lr, budget_bytes, sketch)
+    def init_from_gradients(cls, model, layers, batches, lr, budget_bytes=None, sketch=False, loss=supervised_loss):
+        init_from_gradients(model, layers, batches, lr, budget_bytes, sketch, loss)
 
     @torch.no_grad()
     def set_factors(self, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> None:
@@ -95,8 +95,8 @@ class SketchedGradient:
 
 def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
                        batches: Sequence[dict[str, torch.Tensor]], sketch: bool = False,
-                       description: str = "lorasb gradient estimate") -> dict[str, torch.Tensor]:
-    """G = Σ_batches ∂L/∂W for each of `layers`, as Σ_tokens g xᵀ from forward and tensor hooks
+                       description: str = "lorasb gradient estimate", loss=supervised_loss) -> dict[str, torch.Tensor]:
+    """G = Σ_batches ∂L/∂W for each of `layers`, L = `loss(model, batch)`, as Σ_tokens g xᵀ from forward and tensor hooks
     (so the base may stay 4-bit); with `sketch`, each layer's single-pass rank-k sketch Ĝ.
 
     The backward pass runs on S·L and each g is divided by S again in fp32, as a GradScaler does:
@@ -143,7 +143,7 @@ def estimate_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
             taken.clear()
             while True:
                 overflow.clear()
-                (scale * supervised_loss(model, batch)).backward()
+                (scale * loss(model, batch)).backward()
                 if not overflow:
                     break
                 if scale <= 1:
@@ -168,8 +168,9 @@ def layer_groups(layers: dict[str, LoRASBLayer], budget_bytes: int) -> list[list
 
 def init_from_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
                         batches: Sequence[dict[str, torch.Tensor]], lr: float,
-                        budget_bytes: int | None = None, sketch: bool = False) -> None:
-    """Set every layer's B, R, A from ΔW = −lr·sign(G).
+                        budget_bytes: int | None = None, sketch: bool = False, loss=supervised_loss) -> None:
+    """Set every layer's B, R, A from ΔW = −lr·sign(G), G the gradient of `loss(model, batch)`
+    (the objective that will be trained: supervised, or a preference loss at the start).
 
     G is taken at the base model for every layer: one group of layers at a time within
     `budget_bytes` of gradients (default: half the free memory), the batches repeated for each
@@ -187,7 +188,7 @@ def init_from_gradients(model: nn.Module, layers: dict[str, LoRASBLayer],
     factors = {}
     for index, group in enumerate(groups, 1):
         description = "lorasb gradient estimate" + (f", group {index}/{len(groups)}" if len(groups) > 1 else "")
-        grads = estimate_gradients(model, {name: layers[name] for name in group}, batches, sketch, description)
+        grads = estimate_gradients(model, {name: layers[name] for name in group}, batches, sketch, description, loss)
         for name in group:
             factors[name] = svd.top_triplets(-lr * torch.sign(grads.pop(name)), layers[name].spec.rank,
                                              layers[name].spec.svd_niter)

@@ -25,12 +25,7 @@ import argparse
 import json
 import os
 import sys
-import weakref
 from pathlib import Path
-
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from peers import child_figures, smollm2_workdir, train_peer
 from throughput import LR, RANK, SEQ_LEN, run_qsvd, write_rows
@@ -40,50 +35,9 @@ RUNS = ["lora", "edora", "dora", "qdora"]
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
-class LiveTensors(TorchDispatchMode):
-    """The bytes of tensor storage alive now and at most, from `alive` bytes at the start: each
-    storage an op makes counts from then until it is freed."""
-
-    def __init__(self, alive: int):
-        super().__init__()
-        self.now = self.peak = alive
-        self.sizes = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.sizes:
-                storage = tensor.untyped_storage()
-                self.sizes[storage.data_ptr()] = storage.nbytes()
-                self.now += storage.nbytes()
-                self.peak = max(self.peak, self.now)
-                weakref.finalize(storage, self.free, storage.data_ptr())
-        return out
-
-    def free(self, key: int) -> None:
-        self.now -= self.sizes.pop(key)
-
-
-def count_live_tensors_in_training() -> dict:
-    """Wrap `Trainer.train` in `LiveTensors`, from the model's parameters and buffers; the dict
-    it returns gets the peak, in MB, once training is done."""
-    from transformers import Trainer
-
-    figures, train = {}, Trainer.train
-
-    def counted_train(trainer, *args, **kwargs):
-        tensors = [*trainer.model.parameters(), *trainer.model.buffers()]
-        alive = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
-        with LiveTensors(alive) as live:
-            result = train(trainer, *args, **kwargs)
-        figures["tensor_peak_mb"] = live.peak / 2**20
-        return result
-
-    Trainer.train = counted_train
-    return figures
-
-
 def child(args) -> None:
+    from qsvd.memory import count_live_tensors_in_training
+
     tensors = count_live_tensors_in_training()
     if args.child == "qdora":
         outcome, _ = train_peer(True, model=args.model, rank=RANK, data=args.data, seq_len=SEQ_LEN,

@@ -1,13 +1,17 @@
-"""Memory: peaks to report, free memory to plan with, and freed heap handed back to the OS."""
+"""Memory: peaks to report, free memory to plan with, freed heap handed back to the OS, and the
+live tensor bytes of a CPU run counted as a GPU's allocator counts them (benchmarks and tests)."""
 
 import ctypes
 import gc
 import os
 import resource
 import sys
+import weakref
 
 import bitsandbytes.functional as bnbF
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 
 def _load_libc():
@@ -93,3 +97,46 @@ def group_by_size(sizes: dict[str, int], budget: int) -> list[list[str]]:
         groups[-1].append(name)
         used += size
     return groups
+
+
+class LiveTensors(TorchDispatchMode):
+    """The bytes of tensor storage alive now and at most, from `alive` bytes at the start: each
+    storage an op makes counts from then until it is freed."""
+
+    def __init__(self, alive: int):
+        super().__init__()
+        self.now = self.peak = alive
+        self.sizes = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in self.sizes:
+                storage = tensor.untyped_storage()
+                self.sizes[storage.data_ptr()] = storage.nbytes()
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(storage, self.free, storage.data_ptr())
+        return out
+
+    def free(self, key: int) -> None:
+        self.now -= self.sizes.pop(key)
+
+
+def count_live_tensors_in_training() -> dict:
+    """Wrap `Trainer.train` in `LiveTensors`, from the model's parameters and buffers; the dict
+    it returns gets the peak, in MB, once training is done."""
+    from transformers import Trainer
+
+    figures, train = {}, Trainer.train
+
+    def counted_train(trainer, *args, **kwargs):
+        tensors = [*trainer.model.parameters(), *trainer.model.buffers()]
+        alive = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+        with LiveTensors(alive) as live:
+            result = train(trainer, *args, **kwargs)
+        figures["tensor_peak_mb"] = live.peak / 2**20
+        return result
+
+    Trainer.train = counted_train
+    return figures

@@ -28,8 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.utils import is_flash_attn_2_available
 
-from .data import IGNORE_INDEX, collator
-from .pairs import PairCollator
+from .data import IGNORE_INDEX, PAIR_FIELDS, collator
 
 BATCHINGS = ("auto", "padded", "grouped", "padding-free", "packed")
 FLATTENED = ("padding-free", "packed")  # one sequence a batch, rows told apart by position_ids
@@ -127,6 +126,24 @@ class FlattenRows(DataCollatorWithFlattening):
         return batch
 
 
+class PairCollator:
+    """A batch of B pairs as the 2B rows [chosen…, rejected…], collated by `collate_rows`; with
+    `reference` (the starting model's log-likelihoods, `objectives.reference_log_likelihoods`) in
+    the same order."""
+
+    def __init__(self, collate_rows):
+        self.collate_rows = collate_rows
+
+    def __call__(self, features: list[dict]) -> dict:
+        rows = [{"input_ids": f[f"{side}_input_ids"], "labels": f[f"{side}_labels"]}
+                for side in PAIR_FIELDS for f in features]
+        batch = self.collate_rows(rows)
+        if "reference_chosen" in features[0]:
+            batch["reference"] = torch.tensor([f[f"reference_{side}"] for side in PAIR_FIELDS for f in features],
+                                              dtype=torch.float64)
+        return batch
+
+
 def batch_collator(tokenizer: PreTrainedTokenizerBase, batching: Batching, pairs: bool = False):
     """The collator of rows as `batching` batches them; with `pairs`, of preference pairs, each as two rows."""
     rows = FlattenRows() if batching.flattened else collator(tokenizer)
@@ -190,3 +207,15 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         whole = len(order) // self.batch_size
         for index in [*torch.randperm(whole, generator=generator).tolist(), *range(whole, len(batches))]:
             yield from batches[index]
+
+
+def example_lengths(rows: datasets.Dataset) -> list[int]:
+    """The tokens of each example: a row's, or a preference pair's two rows together."""
+    if is_pairs(rows):
+        return [len(c) + len(r) for c, r in zip(rows["chosen_input_ids"], rows["rejected_input_ids"])]
+    return [len(ids) for ids in rows["input_ids"]]
+
+
+def is_pairs(rows: datasets.Dataset) -> bool:
+    """Whether tokenized rows are preference pairs."""
+    return "chosen_input_ids" in rows.column_names

@@ -9,7 +9,12 @@ is the completion, and only the completion's tokens carry loss:
 - sharegpt: `conversations` ({from, value}, from human/gpt/system);
 - fields: --prompt-field → --response-field, for any other layout;
 - text: plain `text`, every token of which carries loss;
-- pairs: `chosen` and `rejected` responses to one prompt, for the preference objectives (`pairs`).
+- pairs: `chosen` and `rejected` responses to one prompt, for the preference objectives: a
+  `prompt` and the two as strings, or as message lists (the prompt's turns, then each response's);
+  or the two as whole conversations (UltraFeedback), message lists or Anthropic HH transcripts
+  ("\n\nHuman: …\n\nAssistant: …"), whose turns before the last are the shared prompt. A pair is
+  two rows, `chosen_*` and `rejected_*`, kept or skipped together (and, also skipped, when its
+  responses are identical or its conversations differ before the last turn).
 A row that is malformed stops the run with its row number; a row with an empty response, or
 longer than --seq-len (unless --truncate cuts its response), is skipped and counted.
 """
@@ -24,10 +29,10 @@ import datasets
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from .errors import QSVDError, first_line
-from .pairs import PAIR_FIELDS, pair_conversations
 
 IGNORE_INDEX = -100
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+PAIR_FIELDS = ("chosen", "rejected")
 SHAPES = {"pairs": PAIR_FIELDS, "alpaca": ("instruction", "output"), "qa": ("question", "answer"), "chat": ("messages",),
           "sharegpt": ("conversations",), "text": ("text",)}
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -37,7 +42,11 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 SPLIT_FLAGS = {"--data": "--data-split", "--eval-data": "--eval-split"}  # the flag that picks each one's split
 EVAL_TASKS = ("gen", "choice", "nll", "ppl", "pref")  # `qsvd eval --task`; see evaluate.py
 ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\n]+)", re.IGNORECASE)
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 SKIPPED_EMPTY = "with an empty response"
+SKIPPED_IDENTICAL = "with identical chosen and rejected responses"
+SKIPPED_DIVERGING = "whose chosen and rejected conversations differ before their last turn"
 SKIPPED_LONG = "longer than --seq-len"
 
 
@@ -179,6 +188,62 @@ def turns(value, role_key: str, text_key: str, roles: dict[str, str] | None, wha
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"the last turn of {what} is the {messages[-1]['role']}'s, not the assistant's answer")
     return messages
+
+
+# -- preference pairs: `chosen` and `rejected` responses to one prompt ------------------------
+
+def hh_turns(text: str, what: str) -> list[dict]:
+    """An Anthropic HH transcript's turns: '\\n\\nHuman: …' and '\\n\\nAssistant: …' in turn."""
+    parts = HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise ValueError(f"{what} is a string but not an HH transcript ('\\n\\nHuman: …\\n\\nAssistant: …'); "
+                         f"give the prompt as a 'prompt' field")
+    return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def message_list(value, what: str) -> list[dict]:
+    """A list of {role, content} turns, checked."""
+    if not isinstance(value, list) or not value or not all(
+            isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)
+            for turn in value):
+        raise ValueError(f"{what} is not a non-empty list of {{role, content}} turns")
+    return [{"role": turn["role"], "content": turn["content"]} for turn in value]
+
+
+def conversation(value, what: str) -> list[dict]:
+    """A whole conversation ending with the assistant's turn: a message list or an HH transcript."""
+    turns = hh_turns(value, what) if isinstance(value, str) else message_list(value, what)
+    if turns[-1]["role"] != "assistant":
+        raise ValueError(f"the last turn of {what} is the {turns[-1]['role']}'s, not the assistant's response")
+    return turns
+
+
+def response(value, what: str) -> str:
+    """A response: text, or a message list whose turns are all the assistant's."""
+    if not isinstance(value, list):
+        return text_of(value, what)
+    turns = message_list(value, what)
+    if any(turn["role"] != "assistant" for turn in turns):
+        raise ValueError(f"{what} has a turn that is not the assistant's")
+    return "\n\n".join(turn["content"] for turn in turns)
+
+
+def pair_conversations(row: dict) -> dict[str, list[dict]] | str:
+    """The row's two conversations, prompt then response, by column prefix ("chosen_", "rejected_"),
+    or why the pair is skipped; ValueError if the row is malformed."""
+    if row.get("prompt") is not None:
+        prompt = row["prompt"]
+        context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else message_list(prompt, "prompt")
+        chosen, rejected = response(row["chosen"], "chosen"), response(row["rejected"], "rejected")
+    else:
+        chosen_turns, rejected_turns = conversation(row["chosen"], "chosen"), conversation(row["rejected"], "rejected")
+        if chosen_turns[:-1] != rejected_turns[:-1]:
+            return SKIPPED_DIVERGING
+        context, chosen, rejected = chosen_turns[:-1], chosen_turns[-1]["content"], rejected_turns[-1]["content"]
+    if chosen == rejected:
+        return SKIPPED_IDENTICAL
+    return {f"{side}_": context + [{"role": "assistant", "content": text}]
+            for side, text in zip(PAIR_FIELDS, (chosen, rejected))}
 
 
 def malformed_row(source: str, number: int, error: ValueError) -> QSVDError:

@@ -30,6 +30,7 @@ import torch
 from rich.progress import track
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .batching import PairCollator, example_lengths
 from .config import check_positive
 from .console import console
 from .data import (IGNORE_INDEX, Shape, TrainingRows, collator, detect_shape, malformed_row, pick_task,
@@ -40,7 +41,6 @@ from .files import publish
 from .load import load_tokenizer, resolve_model
 from .loss import row_log_likelihoods
 from .objectives import PerToken, adapter_swapped, halves, pair_log_likelihoods, preference_objective
-from .pairs import PairCollator, pair_lengths
 from .run_dir import is_run, load_run, read_run
 from .split import quantized_model
 
@@ -310,7 +310,7 @@ def pair_log_likelihoods_of(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
     """π and |y| of every pair's responses, as [pairs, 2] (chosen, rejected), in batches of pairs."""
     collate = PairCollator(collator(tokenizer))
     sums, counts = torch.zeros(len(pairs), 2, dtype=torch.float64), torch.zeros(len(pairs), 2, dtype=torch.long)
-    for batch in track(by_length(pair_lengths(pairs), lambda length: length, batch_size), description=description,
+    for batch in track(by_length(example_lengths(pairs), lambda length: length, batch_size), description=description,
                        console=console):
         inputs = collate([pairs[i] for i in batch])
         batch_sums, batch_counts = pair_log_likelihoods(model, {key: value.to(model.device)

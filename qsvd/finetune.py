@@ -22,7 +22,7 @@ from .checkpoints import CHECKPOINTS, newest_intact, resume_point, start_work_di
 from .config import FinetuneConfig
 from .console import console
 from .batching import Batching, attend_rows_alone, batch_collator, choose
-from .data import TrainingRows, eval_sets, first_batches, held_out_rows, tokenize_rows, training_rows
+from .data import PAIR_FIELDS, TrainingRows, eval_sets, first_batches, held_out_rows, tokenize_rows, training_rows
 from .devices import compute_dtype, default_device
 from .distributed import processes
 from .errors import Interrupted, QSVDError, first_line, is_disk_full, out_of_memory_advice
@@ -31,7 +31,6 @@ from .files import one_writer, publish, remove
 from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
 from .loss import supervised_loss
 from .methods import METHODS
-from .pairs import PAIR_FIELDS
 from .objectives import preference_objective, reference_log_likelihoods, start_loss, trainable_tensors, with_reference
 from .prepared import find_prepared, load_or_split, split_to_disk
 from .run_dir import LOGS, REFERENCE_FILE, write_run

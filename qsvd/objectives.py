@@ -44,10 +44,11 @@ def halves(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.chunk(2)
 
 
-def pair_metrics(rewards: torch.Tensor, sums: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The metrics TRL logs, one value a pair, from each row's reward and π."""
+def pair_metrics(rewards: torch.Tensor, logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The metrics TRL logs, one value a pair, from each row's reward and log-likelihood (π for
+    DPO, π̄ for ORPO, as TRL's trainers log them)."""
     chosen, rejected = halves(rewards.detach())
-    logps_chosen, logps_rejected = halves(sums.detach())
+    logps_chosen, logps_rejected = halves(logps.detach())
     return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margins": chosen - rejected,
             "rewards/accuracies": (chosen > rejected).float(), "logps/chosen": logps_chosen,
             "logps/rejected": logps_rejected}
@@ -89,7 +90,7 @@ class ORPO:
         chosen_sums, _ = halves(sums)
         chosen_counts, _ = halves(counts)
         nll = -chosen_sums.sum() / chosen_counts.sum().clamp_min(1)
-        metrics = pair_metrics(self.rewards(sums, counts), sums) | {
+        metrics = pair_metrics(self.rewards(sums, counts), mean) | {
             "nll_loss": nll.detach()[None], "log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()}
         return nll - self.weight * ratio.mean(), metrics
 

@@ -24,14 +24,13 @@ from transformers import (EarlyStoppingCallback, PreTrainedModel, PreTrainedToke
 from transformers.integrations import TensorBoardCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .batching import (Batching, LengthGroupedSampler, attend_rows_alone, batch_collator, choose,
+from .batching import (Batching, LengthGroupedSampler, attend_rows_alone, batch_collator, choose, example_lengths,
                        training_examples)
 from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
 from .errors import Interrupted, raise_interrupted
 from .loss import supervised_loss
 from .objectives import batch_loss
-from .pairs import is_pairs, pair_lengths
 from .memory import peak_memory_mb, reset_peak_memory, return_freed_memory
 from .devices import compute_dtype
 from .split import adapter_state
@@ -256,8 +255,7 @@ class SupervisedTokensTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         global_batch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-        lengths = pair_lengths(dataset) if is_pairs(dataset) else [len(ids) for ids in dataset["input_ids"]]
-        return LengthGroupedSampler(global_batch, lengths, self.args.data_seed)
+        return LengthGroupedSampler(global_batch, example_lengths(dataset), self.args.data_seed)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

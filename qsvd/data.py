@@ -33,8 +33,8 @@ from .errors import QSVDError, first_line
 IGNORE_INDEX = -100
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 PAIR_FIELDS = ("chosen", "rejected")
-SHAPES = {"pairs": PAIR_FIELDS, "alpaca": ("instruction", "output"), "qa": ("question", "answer"), "chat": ("messages",),
-          "sharegpt": ("conversations",), "text": ("text",)}
+SHAPES = {"pairs": PAIR_FIELDS, "alpaca": ("instruction", "output"), "qa": ("question", "answer"),
+          "chat": ("messages",), "sharegpt": ("conversations",), "text": ("text",)}
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 HUB_DATASET = re.compile(r"([A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w-]*(\.[\w-]+)*")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -158,8 +158,8 @@ def detect_shape(columns: list[str], source: str, prompt_field: str | None = Non
         if all(column in columns for column in needed):
             return Shape(name)
     raise QSVDError(f"{source} has none of the known field sets (instruction/output, question/answer, messages, "
-                    f"conversations, text, chosen/rejected); its fields are: {', '.join(columns) or 'none'}; name yours with "
-                    f"--prompt-field and --response-field")
+                    f"conversations, text, chosen/rejected); its fields are: {', '.join(columns) or 'none'}; name "
+                    f"yours with --prompt-field and --response-field")
 
 
 def text_of(value, what: str) -> str:
@@ -172,6 +172,17 @@ def text_of(value, what: str) -> str:
 
 
 def turns(value, role_key: str, text_key: str, roles: dict[str, str] | None, what: str) -> list[dict]:
+    """A list of chat turns as {role, content}, checked, ending with the assistant's."""
+    return ending_with_answer(turn_list(value, role_key, text_key, roles, what), what)
+
+
+def ending_with_answer(messages: list[dict], what: str) -> list[dict]:
+    if messages[-1]["role"] != "assistant":
+        raise ValueError(f"the last turn of {what} is the {messages[-1]['role']}'s, not the assistant's answer")
+    return messages
+
+
+def turn_list(value, role_key: str, text_key: str, roles: dict[str, str] | None, what: str) -> list[dict]:
     """A list of chat turns as {role, content}, checked."""
     if not isinstance(value, list) or not value:
         raise ValueError(f"{what} is not a non-empty list of turns")
@@ -185,8 +196,6 @@ def turns(value, role_key: str, text_key: str, roles: dict[str, str] | None, wha
                 raise ValueError(f"turn {number} of {what} is from {role!r}; known: {', '.join(roles)}")
             role = roles[role]
         messages.append({"role": role, "content": text_of(turn[text_key], f"turn {number}'s {text_key}")})
-    if messages[-1]["role"] != "assistant":
-        raise ValueError(f"the last turn of {what} is the {messages[-1]['role']}'s, not the assistant's answer")
     return messages
 
 
@@ -201,31 +210,20 @@ def hh_turns(text: str, what: str) -> list[dict]:
     return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
 
 
-def message_list(value, what: str) -> list[dict]:
-    """A list of {role, content} turns, checked."""
-    if not isinstance(value, list) or not value or not all(
-            isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)
-            for turn in value):
-        raise ValueError(f"{what} is not a non-empty list of {{role, content}} turns")
-    return [{"role": turn["role"], "content": turn["content"]} for turn in value]
-
-
 def conversation(value, what: str) -> list[dict]:
-    """A whole conversation ending with the assistant's turn: a message list or an HH transcript."""
-    turns = hh_turns(value, what) if isinstance(value, str) else message_list(value, what)
-    if turns[-1]["role"] != "assistant":
-        raise ValueError(f"the last turn of {what} is the {turns[-1]['role']}'s, not the assistant's response")
-    return turns
+    """A whole conversation ending with the assistant's turn: {role, content} turns or an HH transcript."""
+    messages = hh_turns(value, what) if isinstance(value, str) else turn_list(value, "role", "content", None, what)
+    return ending_with_answer(messages, what)
 
 
 def response(value, what: str) -> str:
     """A response: text, or a message list whose turns are all the assistant's."""
     if not isinstance(value, list):
         return text_of(value, what)
-    turns = message_list(value, what)
-    if any(turn["role"] != "assistant" for turn in turns):
+    messages = turn_list(value, "role", "content", None, what)
+    if any(message["role"] != "assistant" for message in messages):
         raise ValueError(f"{what} has a turn that is not the assistant's")
-    return "\n\n".join(turn["content"] for turn in turns)
+    return "\n\n".join(message["content"] for message in messages)
 
 
 def pair_conversations(row: dict) -> dict[str, list[dict]] | str:
@@ -233,7 +231,8 @@ def pair_conversations(row: dict) -> dict[str, list[dict]] | str:
     or why the pair is skipped; ValueError if the row is malformed."""
     if row.get("prompt") is not None:
         prompt = row["prompt"]
-        context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else message_list(prompt, "prompt")
+        context = (turn_list(prompt, "role", "content", None, "prompt") if isinstance(prompt, list)
+                   else [{"role": "user", "content": text_of(prompt, "prompt")}])
         chosen, rejected = response(row["chosen"], "chosen"), response(row["rejected"], "rejected")
     else:
         chosen_turns, rejected_turns = conversation(row["chosen"], "chosen"), conversation(row["rejected"], "rejected")

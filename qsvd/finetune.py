@@ -202,8 +202,8 @@ def dpo_reference(model: nn.Module, dataset: datasets.Dataset, tokenizer, config
 
 def init_from_gradients(model: nn.Module, dataset, tokenizer, config: FinetuneConfig, batching: Batching) -> None:
     """The adapters of a method set from gradients (LoRA-SB's factors), from the gradients of the
-    objective's loss on the first --grad-samples rows or pairs (in batches of --batch-size rows, flattened as training's are when
-    `batching` flattens them), at η = `first_step_lr`."""
+    objective's loss on the first --grad-samples rows or pairs (in batches of --batch-size, flattened
+    as training's are when `batching` flattens them), at η = `first_step_lr`."""
     if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
     attend_rows_alone(model, batching, compute_dtype(model.device, config.spec()))

@@ -308,20 +308,19 @@ class PreferenceTrainer(SupervisedTokensTrainer):
         super().__init__(*args, **kwargs)
         self.objective = objective
         self.model_accepts_loss_kwargs = False
-        self.metric_sums: dict[str, list[torch.Tensor]] = {}
+        self.metric_sums: dict[str, torch.Tensor] = {}  # each metric's (Σ values, count) since the last log
 
     def batch_loss(self, model, batch, num_items):
         loss, metrics = batch_loss(self.objective, model, batch)
         for key, values in metrics.items():
-            total = self.metric_sums.setdefault(key, [torch.zeros((), dtype=torch.float64, device=values.device)] * 2)
-            total[0] = total[0] + values.double().sum()
-            total[1] = total[1] + values.numel()
+            counted = torch.stack([values.double().sum(), values.new_tensor(values.numel(), dtype=torch.float64)])
+            self.metric_sums[key] = self.metric_sums.get(key, 0) + counted
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self.metric_sums:
-            for key, (total, count) in self.metric_sums.items():
-                total, count = self.accelerator.reduce(torch.stack([total, count]), reduction="sum")
+        if "loss" in logs:
+            for key, summed in self.metric_sums.items():
+                total, count = self.accelerator.reduce(summed, reduction="sum")
                 logs[key] = round((total / count).item(), 6)
             self.metric_sums.clear()
         super().log(logs, start_time)

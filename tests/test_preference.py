@@ -5,6 +5,8 @@ import importlib
 import json
 import math
 import random
+import subprocess
+import sys
 from collections import defaultdict
 from contextlib import contextmanager
 from functools import partial
@@ -15,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from safetensors.torch import load_file
 
 import qsvd
 from qsvd.batching import Batching, batch_collator
@@ -110,10 +113,10 @@ def test_long_identical_and_diverging_pairs_are_skipped_and_counted(tmp_path):
 @pytest.mark.parametrize("row, why", [
     ({"prompt": "q", "chosen": {"text": "a"}, "rejected": "b"}, "chosen is a dict, not text"),
     ({"chosen": "just text", "rejected": "other text"}, "not an HH transcript"),
-    ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, "prompt is not a non-empty list"),
+    ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, "turn 1 of prompt has no 'role' and 'content'"),
     ({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "user", "content": "q"}]},
      "the last turn of chosen is the user's"),
-    ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "not the assistant's"),
+    ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "chosen has a turn that is not"),
 ])
 def test_a_malformed_pair_is_an_error_naming_its_row_before_any_model_loads(row, why, tiny_model_dir, tmp_path):
     data = write_rows(tmp_path / "pairs.jsonl", [FORMS["strings"], FORMS["hh"], row])
@@ -397,3 +400,26 @@ def test_eval_pref_of_a_plain_model_compares_log_likelihood_per_token(tiny_model
         result = CliRunner().invoke(cli, ["eval", str(tiny_model_dir), "--data", str(rows), "--task", task])
         assert result.exit_code == 2 and message in result.output
 
+
+
+def test_two_processes_train_dpo_as_one_process_does_on_the_same_global_batch(tiny_model_dir, pairs_file, tmp_path):
+    """Under `accelerate launch` (2 gloo processes), the main process computes the reference and
+    the other reuses it, and the logged rewards are the means over both processes' pairs: the
+    log and the adapter are one process's on the same global batch."""
+    common = ["finetune", "--model", tiny_model_dir, "--objective", "dpo", "--data", pairs_file, "--method", "pissa",
+              "--bits", 4, "--rank", 4, "--max-steps", 3, "--lr", 3e-2, "--batching", "grouped", "--seq-len", 64,
+              "--save-steps", 2]
+    two = subprocess.run([sys.executable, "-m", "qsvd", *map(str, common), "--batch-size", "2", "--output",
+                          str(tmp_path / "two"), "--num-processes", "2"], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("dpo reference log-likelihoods") == 1
+    one = CliRunner().invoke(cli, [*map(str, common), "--batch-size", "4", "--output", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    logs = [[entry for entry in map(json.loads, (tmp_path / run / "train_log.jsonl").read_text().splitlines())
+             if "loss" in entry] for run in ("one", "two")]
+    assert len(logs[0]) == len(logs[1]) == 3
+    for key in ("loss", *METRICS):
+        assert [entry[key] for entry in logs[0]] == pytest.approx([entry[key] for entry in logs[1]], abs=1e-5), key
+    assert logs[0][-1]["rewards/margins"] != 0
+    adapters = [load_file(tmp_path / run / "adapter.safetensors") for run in ("one", "two")]
+    assert max((adapters[0][key] - adapters[1][key]).abs().max().item() for key in adapters[0]) < 1e-5

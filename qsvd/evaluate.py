@@ -40,7 +40,7 @@ from .errors import QSVDError
 from .files import publish
 from .load import load_tokenizer, resolve_model
 from .loss import row_log_likelihoods
-from .objectives import PerToken, adapter_swapped, halves, pair_log_likelihoods, preference_objective
+from .objectives import PerToken, adapter_swapped, halves, pair_log_likelihoods, run_objective
 from .run_dir import is_run, load_run, read_run
 from .split import quantized_model
 
@@ -421,10 +421,7 @@ def evaluate(target: str | Path, data: str | Path, task: str | None = None, pred
             raise QSVDError(f"{target} is a trained run: it keeps the base model it was trained on; drop --revision")
         run = read_run(target)
         model, tokenizer = load_run(run)
-        settings = run.record["config"]
-        objective = preference_objective(settings.get("objective", "sft"), settings.get("beta"),
-                                         settings.get("orpo_lambda"))
-        reference_adapter = run.reference_adapter
+        objective, reference_adapter = run_objective(run.record["config"]), run.reference_adapter
         default_predictions = target / f"eval-{Path(data).stem}-{task}.jsonl"
     else:
         files = resolve_model(str(target), revision)

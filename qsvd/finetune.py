@@ -31,7 +31,7 @@ from .files import one_writer, publish, remove
 from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
 from .loss import supervised_loss
 from .methods import METHODS
-from .objectives import preference_objective, reference_log_likelihoods, start_loss, trainable_tensors, with_reference
+from .objectives import reference_log_likelihoods, run_objective, start_loss, trainable_tensors, with_reference
 from .prepared import find_prepared, load_or_split, split_to_disk
 from .run_dir import LOGS, REFERENCE_FILE, write_run
 from .split import adapter_layers, find_targets
@@ -157,8 +157,7 @@ def write_run_files(stage: Path, model: nn.Module, tokenizer, evaluations: list,
     the --report-to tensorboard event files (a copy: the work dir keeps them until the run is
     published) and the run directory's own files."""
     output = record["config"]["output"]
-    objective = preference_objective(record["config"]["objective"], record["config"]["beta"],
-                                     record["config"]["orpo_lambda"])
+    objective = run_objective(record["config"])
     for path, rows, task in evaluations:
         predictions = f"eval-{path.stem}-{task}.jsonl"
         with out_of_memory_advice(f"evaluating on {path}", f"evaluate later with `qsvd eval {output} "

@@ -1,5 +1,5 @@
 """Training objectives (`--objective`): sft, the supervised loss (`loss.supervised_loss`), or a
-preference objective over pairs (`pairs`), below.
+preference objective over chosen/rejected pairs (`data.pair_conversations`), below.
 
 With π(y) = Σ_t log p(y_t | x, y_<t) over a response's tokens, and π̄(y) = π(y) / |y| per token:
 - dpo (arXiv 2305.18290): L = −log σ(β[(π(y_c) − π_ref(y_c)) − (π(y_r) − π_ref(y_r))]), π_ref the
@@ -16,6 +16,7 @@ swaps the run's starting adapter tensors in for the reference (`adapter_swapped`
 the adapter-disabled model, which for pissa, milora and lorasb is not the starting model.
 """
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -66,10 +67,9 @@ class DPO:
 
     def loss(self, sums: torch.Tensor, counts: torch.Tensor,
              reference: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ratios = sums - reference.to(sums.dtype)
-        chosen, rejected = halves(ratios)
-        loss = -F.logsigmoid(self.beta * (chosen - rejected)).mean()
-        return loss, pair_metrics(self.rewards(sums, counts, reference.to(sums.dtype)), sums)
+        rewards = self.rewards(sums, counts, reference.to(sums.dtype))
+        chosen, rejected = halves(rewards)
+        return -F.logsigmoid(chosen - rejected).mean(), pair_metrics(rewards, sums)
 
 
 class ORPO:
@@ -85,7 +85,7 @@ class ORPO:
     def loss(self, sums: torch.Tensor, counts: torch.Tensor, reference=None) -> tuple[torch.Tensor, dict]:
         mean = sums / counts.clamp_min(1)
         chosen, rejected = halves(mean)
-        log_odds = (chosen - rejected) - (torch.log1p(-chosen.exp()) - torch.log1p(-rejected.exp()))
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
         ratio = F.logsigmoid(log_odds)
         chosen_sums, _ = halves(sums)
         chosen_counts, _ = halves(counts)
@@ -93,6 +93,11 @@ class ORPO:
         metrics = pair_metrics(self.rewards(sums, counts), mean) | {
             "nll_loss": nll.detach()[None], "log_odds_ratio": ratio.detach(), "log_odds_chosen": log_odds.detach()}
         return nll - self.weight * ratio.mean(), metrics
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − eˣ) for x ≤ 0, without cancellation: log(−expm1(x)) near 0, log1p(−eˣ) below −ln 2."""
+    return torch.where(x < -math.log(2), torch.log1p(-x.exp()), torch.log(-torch.expm1(x)))
 
 
 class PerToken:
@@ -108,6 +113,11 @@ def preference_objective(objective: str, beta: float | None = None, orpo_lambda:
     """The objective's pair loss and rewards (`PerToken` for sft), with β and λ by default the papers'."""
     beta, orpo_lambda = beta or DPO_BETA, orpo_lambda or ORPO_LAMBDA
     return {"dpo": lambda: DPO(beta), "orpo": lambda: ORPO(beta, orpo_lambda)}.get(objective, PerToken)()
+
+
+def run_objective(settings: dict):
+    """The objective of a run, from its recorded config (sft for a run from before objectives)."""
+    return preference_objective(settings.get("objective", "sft"), settings.get("beta"), settings.get("orpo_lambda"))
 
 
 def batch_loss(objective, model: nn.Module, batch: dict[str, torch.Tensor],

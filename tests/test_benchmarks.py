@@ -202,3 +202,13 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     seven_b = figures["seven_b"]
     assert seven_b["train_peak_mb"] > 0 and seven_b["plan_training_mb"] > 0 and "met" in seven_b
     assert figures["ddp"]["processes"] == 2 and figures["ddp"]["ok"]
+
+
+@pytest.mark.slow
+def test_preference_compares_dpo_with_trl_and_scores_dev_before_and_after(tmp_path):
+    figures = last_json_line([BENCHMARKS / "preference.py", "--pairs", "8", "--dev", "8", "--peer-steps", "2",
+                              "--memory-steps", "2"], tmp_path)
+    assert figures["dev_pairs"] == 8 and figures["lora_vs_trl_step_time"] > 0 and figures["lora_vs_trl_peak_memory"] > 0
+    for method in ("lora", "milora", "edora", "lorasb"):
+        low, high = figures[f"{method}_ci95"]
+        assert 0 <= low <= figures[f"{method}_accuracy"] <= high <= 1, method

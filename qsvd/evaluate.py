@@ -40,7 +40,7 @@ from .errors import QSVDError
 from .files import publish
 from .load import load_tokenizer, resolve_model
 from .loss import row_log_likelihoods
-from .objectives import PerToken, adapter_swapped, halves, pair_log_likelihoods, run_objective
+from .objectives import PerToken, adapter_swapped, pairs_log_likelihoods, run_objective
 from .run_dir import is_run, load_run, read_run
 from .split import quantized_model
 
@@ -304,20 +304,12 @@ def answer_log_likelihoods(model: PreTrainedModel, tokenizer: PreTrainedTokenize
     return [{"gold": example.gold, **result} for example, result in zip(examples, results)]
 
 
-@torch.inference_mode()
 def pair_log_likelihoods_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: datasets.Dataset,
                             batch_size: int, description: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """π and |y| of every pair's responses, as [pairs, 2] (chosen, rejected), in batches of pairs."""
-    collate = PairCollator(collator(tokenizer))
-    sums, counts = torch.zeros(len(pairs), 2, dtype=torch.float64), torch.zeros(len(pairs), 2, dtype=torch.long)
-    for batch in track(by_length(example_lengths(pairs), lambda length: length, batch_size), description=description,
-                       console=console):
-        inputs = collate([pairs[i] for i in batch])
-        batch_sums, batch_counts = pair_log_likelihoods(model, {key: value.to(model.device)
-                                                                for key, value in inputs.items()})
-        sums[batch] = torch.stack(halves(batch_sums.double().cpu()), dim=1)
-        counts[batch] = torch.stack(halves(batch_counts.cpu()), dim=1)
-    return sums, counts
+    """π and |y| of every pair's responses, as [pairs, 2] (chosen, rejected), in padded batches of
+    pairs of similar length."""
+    return pairs_log_likelihoods(model, pairs, PairCollator(collator(tokenizer)),
+                                 by_length(example_lengths(pairs), lambda length: length, batch_size), description)
 
 
 def preferences(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: datasets.Dataset, objective,

@@ -179,7 +179,9 @@ def dpo_reference(model: nn.Module, dataset: datasets.Dataset, tokenizer, config
     holds the trained adapter) and every other process reuse them. Returns the pairs with their
     π_ref, and the tensors."""
     path = work / REFERENCE_FILE
-    if not path.is_file():
+    if path.is_file():  # a resumed run's, or the main process's for the others
+        saved = saved_reference(path, len(dataset))
+    else:
         dtype = compute_dtype(model.device, config.spec())
         attend_rows_alone(model, batching, dtype)
         collate = batch_collator(tokenizer, batching, pairs=True)
@@ -188,15 +190,22 @@ def dpo_reference(model: nn.Module, dataset: datasets.Dataset, tokenizer, config
                                               None if dtype == torch.float32 else dtype)
         saved |= {f"adapter.{name}": tensor for name, tensor in trainable_tensors(model).items()}
         publish(path, lambda tmp: save_file(saved, tmp), directory=False)
+    adapter = {name.removeprefix("adapter."): t for name, t in saved.items() if name.startswith("adapter.")}
+    return with_reference(dataset, {side: saved[side] for side in PAIR_FIELDS}), adapter
+
+
+def saved_reference(path: Path, pairs: int) -> dict[str, torch.Tensor]:
+    """The work dir's reference file, checked to hold π_ref of `pairs` pairs."""
     try:
         saved = load_file(path)
-        reference = {side: saved.pop(side) for side in PAIR_FIELDS}
+        held = {len(saved[side]) for side in PAIR_FIELDS}
     except (SafetensorError, OSError, KeyError) as error:
-        raise QSVDError(f"{path} is not a readable reference file ({first_line(error)}); start over with --overwrite") from None
-    if any(len(values) != len(dataset) for values in reference.values()):
-        raise QSVDError(f"{path} holds the reference of {len(reference['chosen'])} pairs, not of the {len(dataset)} "
-                        f"training pairs; start over with --overwrite")
-    return with_reference(dataset, reference), {name.removeprefix("adapter."): t for name, t in saved.items()}
+        raise QSVDError(f"{path} is not a readable reference file ({first_line(error)}); start over with "
+                        f"--overwrite") from None
+    if held != {pairs}:
+        raise QSVDError(f"{path} holds the reference of {min(held)} pairs, not of the {pairs} training pairs; "
+                        f"start over with --overwrite")
+    return saved
 
 
 def init_from_gradients(model: nn.Module, dataset, tokenizer, config: FinetuneConfig, batching: Batching) -> None:

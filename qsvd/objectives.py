@@ -138,26 +138,36 @@ def start_loss(objective, model: nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 
 @torch.no_grad()
+def pairs_log_likelihoods(model: nn.Module, pairs: datasets.Dataset, collate, batches: list[list[int]],
+                          description: str,
+                          autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """π and |y| of every pair's two responses as [pairs, 2] (chosen, rejected), float64 and
+    integer, batch by batch (`batches`: lists of pair indices, made into batches by `collate`),
+    under autocast in `autocast_dtype` (None: none)."""
+    device = model.device
+    sums, counts = torch.zeros(len(pairs), 2, dtype=torch.float64), torch.zeros(len(pairs), 2, dtype=torch.long)
+    for batch in track(batches, description=description, console=console):
+        inputs = collate([pairs[i] for i in batch])
+        with torch.autocast(device.type, autocast_dtype) if autocast_dtype else nullcontext():
+            batch_sums, batch_counts = pair_log_likelihoods(model, {key: value.to(device)
+                                                                    for key, value in inputs.items()})
+        sums[batch] = torch.stack(halves(batch_sums.double().cpu()), dim=1)
+        counts[batch] = torch.stack(halves(batch_counts.cpu()), dim=1)
+    return sums, counts
+
+
 def reference_log_likelihoods(model: nn.Module, pairs: datasets.Dataset, collate, batch_size: int,
                               autocast_dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """π_ref(y_c) and π_ref(y_r) of every pair, in float64, by the model as it is now (dropout off),
     under autocast in `autocast_dtype` as training computes (None: none)."""
     was_training = model.training
     model.eval()
-    device = model.device
-    values = []
+    batches = [list(range(start, min(start + batch_size, len(pairs)))) for start in range(0, len(pairs), batch_size)]
     try:
-        for start in track(range(0, len(pairs), batch_size), description="dpo reference log-likelihoods",
-                           console=console):
-            batch = collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
-            autocast = torch.autocast(device.type, autocast_dtype) if autocast_dtype else nullcontext()
-            with autocast:
-                sums, _ = pair_log_likelihoods(model, {key: value.to(device) for key, value in batch.items()})
-            values.append(torch.stack(halves(sums.double().cpu()), dim=1))
+        sums, _ = pairs_log_likelihoods(model, pairs, collate, batches, "dpo reference log-likelihoods", autocast_dtype)
     finally:
         model.train(was_training)
-    chosen, rejected = torch.cat(values).unbind(dim=1)
-    return {"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}
+    return {side: sums[:, column].contiguous() for column, side in enumerate(("chosen", "rejected"))}
 
 
 def with_reference(pairs: datasets.Dataset, reference: dict[str, torch.Tensor]) -> datasets.Dataset:

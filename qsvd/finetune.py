@@ -220,8 +220,9 @@ def init_from_gradients(model: nn.Module, dataset, tokenizer, config: FinetuneCo
     batches = first_batches(dataset, batch_collator(tokenizer, batching, pairs=objective is not None),
                             config.gradient_samples, config.batch_size, config.seed)
     lr = first_step_lr(config, len(dataset))
-    console.print(f"{config.method}: init step η = {lr:.3g}" + ("" if config.init_lr else
-                  f" (--lr {config.learning_rate:g} over full fine-tuning's warm-up; --init-lr sets it)"))
+    rule = (f"{objective.name}'s full fine-tuning lr, to keep the start" if objective and objective.init_lr else
+            f"--lr {config.learning_rate:g} over full fine-tuning's warm-up")
+    console.print(f"{config.method}: init step η = {lr:.3g}" + ("" if config.init_lr else f" ({rule}; --init-lr sets it)"))
     with out_of_memory_advice(f"estimating {config.method}'s gradients", "--grad-mem-budget 1GB, --grad-sketch, "
                               "or fewer --grad-samples"):
         METHODS[config.method].init_from_gradients(model, adapter_layers(model), batches, lr, config.grad_budget_bytes,

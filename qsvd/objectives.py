@@ -58,6 +58,9 @@ def pair_metrics(rewards: torch.Tensor, logps: torch.Tensor) -> dict[str, torch.
 class DPO:
     name = "dpo"
     needs_reference = True
+    # A gradient init's step η (LoRA-SB's): full fine-tuning's DPO learning rate, TRL's default. The
+    # start is DPO's reference, the model being aligned, which a step at the adapter's lr would move.
+    init_lr = 1e-6
 
     def __init__(self, beta: float):
         self.beta = beta
@@ -75,6 +78,7 @@ class DPO:
 class ORPO:
     name = "orpo"
     needs_reference = False
+    init_lr = None  # a gradient init's step η: SFT's rule (ORPO trains the chosen response's NLL too)
 
     def __init__(self, beta: float, weight: float):
         self.beta, self.weight = beta, weight

@@ -120,12 +120,15 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
 
 
 def first_step_lr(config: FinetuneConfig, rows: int) -> float:
-    """LoRA-SB's η: `--init-lr`, else the learning rate of full fine-tuning's first step, as the
-    official code takes it: lr / (warmup_ratio · batches of the whole data at the estimate's batch
-    size · epochs), so η does not depend on --max-steps (a few 1e-6 on 170k commonsense rows at
-    batch 10; 1.2e-4 on ARC-Easy's 2,251 at batch 4). Without a warm-up, the full lr."""
+    """LoRA-SB's η: `--init-lr`; else the objective's own (DPO's: `DPO.init_lr`); else the learning
+    rate of full fine-tuning's first step, as the official code takes it: lr / (warmup_ratio ·
+    batches of the whole data at the estimate's batch size · epochs), so η does not depend on
+    --max-steps (a few 1e-6 on 170k commonsense rows at batch 10; 1.2e-4 on ARC-Easy's 2,251 at
+    batch 4). Without a warm-up, the full lr."""
     if config.init_lr is not None:
         return config.init_lr
+    if config.pair_objective is not None and config.pair_objective.init_lr is not None:
+        return config.pair_objective.init_lr
     warmup = config.warmup_ratio * math.ceil(rows / config.batch_size) * (config.epochs or 1.0)
     return config.learning_rate / max(warmup, 1.0)
 

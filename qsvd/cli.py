@@ -106,7 +106,7 @@ def split_options(command):
 @click.option("--grad-samples", type=int, help="lorasb: training rows for the gradient estimate (default: by --task-type).")
 @click.option("--grad-mem-budget", help="lorasb: memory for the gradients of one group of layers, e.g. 2GB; the estimate runs once per group (default: half the free memory).")
 @click.option("--grad-sketch", is_flag=True, default=None, help="lorasb: one pass over all layers with a rank-(2r+1) sketch of each gradient instead of groups (approximate, little memory).")
-@click.option("--init-lr", type=float, help="lorasb: η of the init step −η·sign(G) (default: --lr over full fine-tuning's warm-up steps, counted over the whole data at --batch-size, as the official code does).")
+@click.option("--init-lr", type=float, help="lorasb: η of the init step −η·sign(G) (default: --lr over full fine-tuning's warm-up steps, counted over the whole data at --batch-size, as the official code does; with --objective dpo, 1e-6, full fine-tuning's DPO lr, which keeps the start, DPO's reference).")
 @click.option("--eval-data", multiple=True, help="Evaluate the trained model on this file at the end (repeatable); see `qsvd eval`.")
 @click.option("--eval-task", type=click.Choice(EVAL_TASKS), help="Task for --eval-data (default: chosen by the data, as `qsvd eval` does).")
 @click.option("--eval-split", help="The split of a hub dataset (or saved DatasetDict) in --eval-data (default test).")

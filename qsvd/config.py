@@ -40,7 +40,7 @@ class FinetuneConfig:
     objective: str = "sft"  # sft, or a preference objective over chosen/rejected pairs: dpo, orpo
     beta: float | None = None  # dpo's β; orpo's reward scale β (default 0.1, objectives.DPO_BETA)
     orpo_lambda: float | None = None  # orpo's λ, the weight of its odds-ratio term (default 0.1, objectives.ORPO_LAMBDA)
-    init_lr: float | None = None  # lorasb: η of the init step −η·sign(G) (default: lr / full fine-tuning's warm-up steps)
+    init_lr: float | None = None  # lorasb: η of the init step −η·sign(G) (default: lr / full fine-tuning's warm-up steps; dpo: DPO.init_lr)
     data: str | None = None  # a file, a save_to_disk directory or a hub id; default: built-in arithmetic problems
     data_config: str | None = None  # a hub dataset's configuration
     data_split: str | None = None  # a hub dataset's (or saved DatasetDict's) split; default train

@@ -127,8 +127,9 @@ def first_step_lr(config: FinetuneConfig, rows: int) -> float:
     batch 4). Without a warm-up, the full lr."""
     if config.init_lr is not None:
         return config.init_lr
-    if config.pair_objective is not None and config.pair_objective.init_lr is not None:
-        return config.pair_objective.init_lr
+    objective = config.pair_objective
+    if objective is not None and objective.init_lr is not None:
+        return objective.init_lr
     warmup = config.warmup_ratio * math.ceil(rows / config.batch_size) * (config.epochs or 1.0)
     return config.learning_rate / max(warmup, 1.0)
 

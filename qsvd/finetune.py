@@ -35,7 +35,7 @@ from .objectives import reference_log_likelihoods, run_objective, start_loss, tr
 from .prepared import find_prepared, load_or_split, split_to_disk
 from .run_dir import LOGS, REFERENCE_FILE, write_run
 from .split import adapter_layers, find_targets
-from .train import CHECKPOINTING, NonFiniteLoss, first_step_lr, train
+from .train import CHECKPOINTING, NonFiniteLoss, init_step, train
 
 
 @dataclass
@@ -211,7 +211,7 @@ def saved_reference(path: Path, pairs: int) -> dict[str, torch.Tensor]:
 def init_from_gradients(model: nn.Module, dataset, tokenizer, config: FinetuneConfig, batching: Batching) -> None:
     """The adapters of a method set from gradients (LoRA-SB's factors), from the gradients of the
     objective's loss on the first --grad-samples rows or pairs (in batches of --batch-size, flattened
-    as training's are when `batching` flattens them), at η = `first_step_lr`."""
+    as training's are when `batching` flattens them), at η = `init_step`'s."""
     if config.gradient_checkpointing:  # the estimate's backward passes recompute, as training's do
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING)
     attend_rows_alone(model, batching, compute_dtype(model.device, config.spec()))
@@ -219,10 +219,8 @@ def init_from_gradients(model: nn.Module, dataset, tokenizer, config: FinetuneCo
     loss = supervised_loss if objective is None else partial(start_loss, objective)
     batches = first_batches(dataset, batch_collator(tokenizer, batching, pairs=objective is not None),
                             config.gradient_samples, config.batch_size, config.seed)
-    lr = first_step_lr(config, len(dataset))
-    rule = (f"{objective.name}'s full fine-tuning lr, to keep the start" if objective and objective.init_lr else
-            f"--lr {config.learning_rate:g} over full fine-tuning's warm-up")
-    console.print(f"{config.method}: init step η = {lr:.3g}" + ("" if config.init_lr else f" ({rule}; --init-lr sets it)"))
+    lr, rule = init_step(config, len(dataset))
+    console.print(f"{config.method}: init step η = {lr:.3g} ({rule})")
     with out_of_memory_advice(f"estimating {config.method}'s gradients", "--grad-mem-budget 1GB, --grad-sketch, "
                               "or fewer --grad-samples"):
         METHODS[config.method].init_from_gradients(model, adapter_layers(model), batches, lr, config.grad_budget_bytes,

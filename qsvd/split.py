@@ -222,7 +222,7 @@ def prepare(model: nn.Module, method: str, bits: int = FinetuneConfig.bits, rank
 
     A method set from gradients (lorasb) also needs `grad_batches` (model inputs with labels) and
     `lr`, the η of its init step −η·sign(G) (`qsvd finetune` takes full fine-tuning's first step,
-    see `train.first_step_lr`); `grad_mem_budget` (bytes) and `grad_sketch` choose how its
+    see `train.init_step`); `grad_mem_budget` (bytes) and `grad_sketch` choose how its
     gradients are gathered.
     """
     spec = make_spec(method, rank, alpha, bits, dropout=dropout, core_init=core_init,

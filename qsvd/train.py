@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import torch
@@ -119,19 +120,25 @@ def training_arguments(config: FinetuneConfig, work_dir: Path, dtype: torch.dtyp
     return args
 
 
-def first_step_lr(config: FinetuneConfig, rows: int) -> float:
+class InitStep(NamedTuple):
+    lr: float  # η
+    rule: str  # where η came from, for the console
+
+
+def init_step(config: FinetuneConfig, rows: int) -> InitStep:
     """LoRA-SB's η: `--init-lr`; else the objective's own (DPO's: `DPO.init_lr`); else the learning
     rate of full fine-tuning's first step, as the official code takes it: lr / (warmup_ratio ·
     batches of the whole data at the estimate's batch size · epochs), so η does not depend on
     --max-steps (a few 1e-6 on 170k commonsense rows at batch 10; 1.2e-4 on ARC-Easy's 2,251 at
     batch 4). Without a warm-up, the full lr."""
     if config.init_lr is not None:
-        return config.init_lr
+        return InitStep(config.init_lr, "--init-lr")
     objective = config.pair_objective
     if objective is not None and objective.init_lr is not None:
-        return objective.init_lr
+        return InitStep(objective.init_lr, f"{objective.name}'s full fine-tuning lr, to keep the start; --init-lr sets it")
     warmup = config.warmup_ratio * math.ceil(rows / config.batch_size) * (config.epochs or 1.0)
-    return config.learning_rate / max(warmup, 1.0)
+    return InitStep(config.learning_rate / max(warmup, 1.0),
+                    f"--lr {config.learning_rate:g} over full fine-tuning's warm-up; --init-lr sets it")
 
 
 class StepClock(TrainerCallback):

@@ -109,7 +109,7 @@ def test_lorasb_init_on_the_full_fine_tuning_scale_keeps_general_text(model_cach
     from qsvd.evaluate import evaluate_model
     from qsvd.finetune import init_from_gradients, model_files
     from qsvd.prepared import load_or_split
-    from qsvd.train import first_step_lr
+    from qsvd.train import init_step
 
     if not ARC_EASY.is_file():
         pytest.skip(f"needs ARC-Easy from the project's shared data: {ARC_EASY}")
@@ -118,7 +118,7 @@ def test_lorasb_init_on_the_full_fine_tuning_scale_keeps_general_text(model_cach
                                     task_type="commonsense", grad_samples=32)
     files, tokenizer = model_files(config)
     dataset = tokenize_rows(training_rows(config.data), tokenizer, config.seq_len).rows
-    assert len(dataset) == 2251 and first_step_lr(config, len(dataset)) == pytest.approx(2e-3 / (0.03 * 563))
+    assert len(dataset) == 2251 and init_step(config, len(dataset)).lr == pytest.approx(2e-3 / (0.03 * 563))
     set_seed(config.seed)
     model, _ = load_or_split(files, config.spec(), config.targets, config.seed)
     text = datasets.Dataset.from_list([{"text": topics[key][:2000]} for key in sorted(topics)[::8][:25]])

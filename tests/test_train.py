@@ -143,19 +143,19 @@ def test_every_block_and_the_head_hand_their_freed_memory_back_after_forward_and
 def test_lorasb_init_lr_is_full_fine_tunings_first_step():
     """η = lr / (warmup_ratio · batches of the whole data at the estimate's batch size · epochs),
     whatever --max-steps; --init-lr sets it; without a warm-up it is the lr itself; under DPO, DPO's."""
-    from qsvd.train import first_step_lr
+    from qsvd.train import init_step
 
     config = FinetuneConfig.resolve(method="lorasb", lr=2e-3, warmup_ratio=0.02, batch_size=10)
-    assert first_step_lr(config, 170_000) == pytest.approx(2e-3 / (0.02 * 17_000))
-    assert first_step_lr(FinetuneConfig.resolve(method="lorasb", lr=2e-3, warmup_ratio=0.02, batch_size=10,
-                                                epochs=2), 170_000) == pytest.approx(2e-3 / (0.02 * 34_000))
+    assert init_step(config, 170_000).lr == pytest.approx(2e-3 / (0.02 * 17_000))
+    assert init_step(FinetuneConfig.resolve(method="lorasb", lr=2e-3, warmup_ratio=0.02, batch_size=10,
+                                            epochs=2), 170_000).lr == pytest.approx(2e-3 / (0.02 * 34_000))
     for steps in (1, 16, 10_000):
         short = FinetuneConfig.resolve(method="lorasb", lr=2e-3, batch_size=4, max_steps=steps)
-        assert first_step_lr(short, 2251) == pytest.approx(2e-3 / (0.03 * 563))
-    assert first_step_lr(FinetuneConfig.resolve(method="lorasb", lr=2e-3, warmup_ratio=0.0), 2251) == 2e-3
-    assert first_step_lr(FinetuneConfig.resolve(method="lorasb", lr=2e-3), 10) == 2e-3  # under one warm-up step
-    assert first_step_lr(FinetuneConfig.resolve(method="lorasb", init_lr=5e-6), 2251) == 5e-6
+        assert init_step(short, 2251).lr == pytest.approx(2e-3 / (0.03 * 563))
+    assert init_step(FinetuneConfig.resolve(method="lorasb", lr=2e-3, warmup_ratio=0.0), 2251).lr == 2e-3
+    assert init_step(FinetuneConfig.resolve(method="lorasb", lr=2e-3), 10).lr == 2e-3  # under one warm-up step
+    assert init_step(FinetuneConfig.resolve(method="lorasb", init_lr=5e-6), 2251).lr == 5e-6
     # DPO's start is its reference: η is full fine-tuning's DPO lr, whatever the data; ORPO's is SFT's rule
-    assert first_step_lr(FinetuneConfig.resolve(method="lorasb", objective="dpo", lr=2e-3), 10) == 1e-6
-    assert first_step_lr(FinetuneConfig.resolve(method="lorasb", objective="dpo", init_lr=5e-6), 10) == 5e-6
-    assert first_step_lr(FinetuneConfig.resolve(method="lorasb", objective="orpo", lr=2e-3), 10) == 2e-3
+    assert init_step(FinetuneConfig.resolve(method="lorasb", objective="dpo", lr=2e-3), 10).lr == 1e-6
+    assert init_step(FinetuneConfig.resolve(method="lorasb", objective="dpo", init_lr=5e-6), 10).lr == 5e-6
+    assert init_step(FinetuneConfig.resolve(method="lorasb", objective="orpo", lr=2e-3), 10).lr == 2e-3

@@ -17,7 +17,7 @@ Figures: the median step time, and the peak of live tensor bytes in training (a 
 mode over `Trainer.train`, the CPU's `max_memory_allocated`; in separate runs of --memory-steps
 steps, as it slows the steps). The last line printed is one JSON object.
 
-    python benchmarks/preference.py [--pairs N] [--dev N] [--workdir DIR]    (about 65 minutes here)
+    python benchmarks/preference.py [--pairs N] [--dev N] [--workdir DIR]    (about 2 hours here)
 """
 
 import argparse
@@ -169,8 +169,8 @@ def report(results: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pairs", type=int, default=240, help="training pairs (default 240: 60 steps)")
-    parser.add_argument("--dev", type=int, default=300, help="dev pairs (default 300)")
+    parser.add_argument("--pairs", type=int, default=480, help="training pairs (default 480: 120 steps)")
+    parser.add_argument("--dev", type=int, default=500, help="dev pairs (default 500)")
     parser.add_argument("--seq-len", type=int, default=192, help="longest row in tokens (default 192)")
     parser.add_argument("--peer-steps", type=int, default=5, help="TRL's steps, for its step time (default 5)")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps of each memory run (default 3)")

@@ -4,6 +4,7 @@ file back (`gguf_file=`), its tokenizer must give the run's token ids and its lo
 
 import json
 import re
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -21,7 +22,8 @@ import qsvd
 from qsvd.cli import cli
 from qsvd.errors import QSVDError
 from qsvd.export import checkpoint_names
-from qsvd.export_gguf import byte_level_pre_tokenizer, gguf_architecture, plan_tensors, read_vocabulary
+from qsvd.devices import DTYPES
+from qsvd.export_gguf import GGUF_TYPES, byte_level_pre_tokenizer, gguf_architecture, plan_tensors, read_vocabulary
 from qsvd.files import host_name
 from qsvd.load import ModelFiles
 
@@ -108,13 +110,11 @@ def save_and_train(root: Path, model, tokenizer, **options) -> Path:
 
 @pytest.fixture(scope="module")
 def run(request, tmp_path_factory):
-    """One 4-bit edora run on a tiny model of the parametrized kind, and its merged exports."""
+    """One 4-bit edora run on a tiny model of the parametrized kind, and its fp32 merged export."""
     kind = request.param
     root = tmp_path_factory.mktemp(f"gguf-{kind}")
     run_dir = save_and_train(root, *tiny(kind), method="edora", bits=4, max_steps=2, lr=5e-2, batch_size=4)
-    merged = {dtype: qsvd.export(run_dir, root / f"merged-{dtype}", format="merged", dtype=dtype)
-              for dtype in ("fp32", "fp16", "bf16")}
-    return kind, root, merged
+    return kind, root, qsvd.export(run_dir, root / "merged-fp32", format="merged", dtype="fp32")
 
 
 def load(model_dir: Path, gguf_file: str | None = None):
@@ -131,7 +131,7 @@ def biggest_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("run", ["llama", "qwen2"], indirect=True)
-@pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("gguf_type", list(GGUF_TYPES))
 def test_gguf_loads_in_transformers_with_the_runs_tokenizer_and_logits(run, gguf_type):
     kind, root, merged = run
     path = qsvd.export(root / "run", format="gguf", gguf_type=gguf_type)
@@ -152,15 +152,24 @@ def test_gguf_loads_in_transformers_with_the_runs_tokenizer_and_logits(run, gguf
         assert theirs(text)["input_ids"] == ours(text)["input_ids"], text
     assert theirs.chat_template == ours.chat_template
 
-    exported, full = load(root, path.name), load(merged["fp32"])
-    if gguf_type != "q8_0":  # the merged export's weights rounded to the type, the 1-D ones (f32) exact
-        rounded = load(merged[{"f16": "fp16", "bf16": "bf16"}[gguf_type]]).state_dict()
-        for name, tensor in exported.state_dict().items():
-            expected = rounded[name] if tensor.dim() > 1 else full.state_dict()[name]
-            assert torch.equal(tensor, expected), name
+    exported, full = load(root, path.name), load(merged)
+    for name, tensor in exported.state_dict().items():  # the merged export's weights rounded to the type
+        assert torch.equal(tensor, rounded(full.state_dict()[name], gguf_type)), name
     gap = biggest_gap(logits(exported), logits(full)) / logits(full).abs().max().item()
     print(f"{kind} {gguf_type}: largest logit gap to the fp32 merge {gap:.2e} of the largest logit")
-    assert gap < {"f16": 2e-3, "bf16": 2e-2, "q8_0": 3e-2}[gguf_type]
+    assert gap < GAPS[gguf_type]
+
+
+GAPS = {"f16": 2e-3, "bf16": 2e-2, "q8_0": 3e-2, "q5_1": 1.5e-1, "q5_0": 1.5e-1, "q4_1": 3e-1, "q4_0": 3e-1}
+
+
+def rounded(weight: torch.Tensor, gguf_type: str) -> torch.Tensor:
+    """An fp32 merged weight as the GGUF type stores it: 1-D ones exact (f32), the others rounded to
+    f16 or bf16, or quantized and dequantized by gguf's own code."""
+    if weight.dim() == 1 or gguf_type in ("f16", "bf16"):
+        return weight if weight.dim() == 1 else weight.to(DTYPES[{"f16": "fp16", "bf16": "bf16"}[gguf_type]]).float()
+    qtype = GGUF_TYPES[gguf_type][0]
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weight.numpy(), qtype), qtype))
 
 
 @pytest.mark.slow
@@ -228,18 +237,22 @@ def test_mistral_is_written_as_llama(tmp_path):
     merged = qsvd.export(tmp_path / "run", tmp_path / "merged", format="merged", dtype="fp32")
     assert biggest_gap(logits(load(path.parent, path.name)), logits(load(merged))) < 1e-2
     modelfile = (tmp_path / "out" / "mistral.Modelfile").read_text()
-    assert modelfile.startswith("# No TEMPLATE") and 'FROM ./mistral.gguf' in modelfile
+    assert modelfile.splitlines()[1].startswith("# No TEMPLATE") and 'FROM ./mistral.gguf' in modelfile
     assert 'PARAMETER stop "</s>"' in modelfile
 
 
 @pytest.mark.parametrize("run", ["qwen2"], indirect=True)
-def test_modelfile_and_cli(run):
+def test_modelfile_and_cli(run, monkeypatch):
     _, root, _ = run
     result = CliRunner().invoke(cli, ["export", str(root / "run"), "--format", "gguf", "--gguf-type", "q8_0",
                                       "--output", str(root / "cli" / "tiny.gguf")])
     assert result.exit_code == 0, result.output
     modelfile = (root / "cli" / "tiny.Modelfile").read_text()
-    assert modelfile.splitlines()[0] == "FROM ./tiny.gguf"
+    assert modelfile.splitlines()[:2] == [f"# edora fine-tune of {root / 'model'}, q8_0 weights, by qsvd "
+                                          f"{qsvd.__version__}", "FROM ./tiny.gguf"]
+    card = (root / "cli" / "tiny.md").read_text()  # the card beside them names the type too
+    assert "library_name: gguf\ntags:\n- qsvd\n- edora\n- gguf\n- q8_0\n" in card
+    assert "a GGUF file in q8_0" in card and f"qsvd chat {root / 'cli' / 'tiny.gguf'}" in card
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in modelfile
     assert [line for line in modelfile.splitlines() if line.startswith("PARAMETER stop")] == [
         'PARAMETER stop "<|im_start|>"', 'PARAMETER stop "<|im_end|>"']
@@ -251,10 +264,14 @@ def test_modelfile_and_cli(run):
                                      str(root / "cli" / "tiny.gguf")])
     assert again.exit_code == 2 and "already exists" in again.output
     assert (root / "cli" / "tiny.gguf").read_bytes() == before
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as where the qsvd[llama-cpp] extra is not installed
     for args, message in [(["--output", str(root / "cli" / "tiny.bin")], "named *.gguf"),
-                          (["--gguf-type", "q4_k"], "Invalid value for '--gguf-type'")]:
+                          (["--gguf-type", "q4_k"], "Invalid value for '--gguf-type'"),
+                          (["--gguf-type", "q4_k_m"], "--gguf-type q4_k_m needs llama-cpp-python: pip install "
+                                                      "'qsvd[llama-cpp]' (it compiles llama.cpp")]:
         result = CliRunner().invoke(cli, ["export", str(root / "run"), "--format", "gguf", *args])
-        assert result.exit_code == 2 and message in result.output
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (root / "run-q4_k_m.gguf").exists()
 
 
 @pytest.mark.parametrize("run", ["qwen2"], indirect=True)
@@ -276,8 +293,8 @@ def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(run, monkeyp
     monkeypatch.setattr(gguf.quants, "quantize", fail_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         qsvd.export(root / "run", path, format="gguf", gguf_type="q8_0", overwrite=True)
-    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["tiny.Modelfile",
-                                                                                            "tiny.gguf"]
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [
+        "tiny.Modelfile", "tiny.gguf", "tiny.md"]
 
 
 @pytest.mark.parametrize("config, message", [

@@ -9,8 +9,10 @@ read) is exported, each export in a fresh process:
 Peak memory is the process's peak RSS (VmHWM), time its wall time. Fidelity: each GGUF, loaded back
 by transformers (`gguf_file=`, float32), against the fp32 merge into the same original weights, on
 held-out prompts: mean KL per token, top-1 agreement, largest |Δ log-probability|; and its size,
-its bits a weight (8 × size ÷ the model's weights) and, from llama-7b's tensor shapes, a 7B file's
-size with each tensor role (attn_q, ffn_down, …) at the bits it has in this file. Where llama-cpp-python is installed, llama.cpp's greedy
+its bits a weight (8 × size ÷ the model's weights), and a llama-7b file's size at that type from its
+tensor shapes. (SmolLM2's width, 576, is no multiple of the k-quants' 256-weight blocks: llama.cpp
+stores those rows in its fallback types, q5_0, q5_1 and q8_0, so SmolLM2's k-quant files are larger
+than a 7B model's bits a weight suggest.) Where llama-cpp-python is installed, llama.cpp's greedy
 tokens are compared with transformers' on the f16 file. The last line printed is one JSON object.
 
     python benchmarks/export_gguf.py [--types f16,q8_0,...] [--workdir DIR]
@@ -27,31 +29,34 @@ from export_fidelity import compare, distributions, prompt_batch
 from export_memory import measure
 from peers import write_smollm2
 
-# llama-7b's weights by llama.cpp's tensor role (32 blocks, hidden 4,096, MLP 11,008, vocabulary 32,000)
-LLAMA_7B = {"token_embd": 32000 * 4096, "output": 32000 * 4096, "attn_q": 32 * 4096 * 4096, "attn_k": 32 * 4096 * 4096,
-            "attn_v": 32 * 4096 * 4096, "attn_output": 32 * 4096 * 4096, "ffn_gate": 32 * 11008 * 4096,
-            "ffn_up": 32 * 11008 * 4096, "ffn_down": 32 * 4096 * 11008, "norm": 65 * 4096}
+# llama-7b's 2-D tensors by llama.cpp's name: (count, rows, columns); its 1-D norms are 65 × 4,096 f32
+LLAMA_7B = {"token_embd": (1, 32000, 4096), "output": (1, 32000, 4096), "attn_q": (32, 4096, 4096),
+            "attn_k": (32, 4096, 4096), "attn_v": (32, 4096, 4096), "attn_output": (32, 4096, 4096),
+            "ffn_gate": (32, 11008, 4096), "ffn_up": (32, 11008, 4096), "ffn_down": (32, 4096, 11008)}
+# llama.cpp's k-quant mixes (llama_tensor_get_type): the output in q6_k; attn_v and ffn_down in q6_k in
+# the blocks that use_more_bits picks (16 of 32: the first and last 4, and every third between)
+K_QUANT_MIXES = {"q6_k": ("Q6_K", "Q6_K"), "q5_k_m": ("Q5_K", "Q6_K"), "q4_k_m": ("Q4_K", "Q6_K")}
 
 
-def role_bits(path: Path) -> dict[str, float]:
-    """Bits a weight of each tensor role in a GGUF file (the k-quants mix types within a role); a
-    file with tied embeddings has no output tensor: it would be stored as token_embd is."""
+def llama_7b_gb(gguf_type: str) -> float:
+    """A llama-7b GGUF's size at this type, from its tensor shapes: qsvd's own types put every 2-D
+    tensor in the type; llama.cpp's k-quants mix types as it does."""
     import gguf
 
-    sizes = {}
-    for tensor in gguf.GGUFReader(path).tensors:
-        parts = tensor.name.split(".")
-        role = "norm" if "norm" in tensor.name else parts[-2] if parts[0] == "blk" else parts[0]
-        bytes_, weights = sizes.get(role, (0, 0))
-        sizes[role] = (bytes_ + int(tensor.n_bytes), weights + int(tensor.n_elements))
-    bits = {role: 8 * b / n for role, (b, n) in sizes.items()}
-    return {"output": bits["token_embd"]} | bits
+    def nbytes(type_name: str, weights: int) -> float:
+        block, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+        return weights / block * block_bytes
 
-
-def llama_7b_gb(path: Path) -> float:
-    """A llama-7b GGUF's size at the bits a weight that each role has in this file."""
-    bits = role_bits(path)
-    return sum(weights * bits[role] for role, weights in LLAMA_7B.items()) / 8e9
+    size = 65 * 4096 * 4  # the norms, f32
+    for role, (count, rows, columns) in LLAMA_7B.items():
+        weights = count * rows * columns
+        if gguf_type not in K_QUANT_MIXES:
+            size += nbytes(gguf_type.upper(), weights)
+            continue
+        base, more = K_QUANT_MIXES[gguf_type]
+        share = 1.0 if role == "output" else 16 / 32 if role in ("attn_v", "ffn_down") else 0.0
+        size += nbytes(more, share * weights) + nbytes(base, (1 - share) * weights)
+    return size / 1e9
 
 
 def default_types() -> str:
@@ -124,7 +129,7 @@ def main() -> None:
             model = AutoModelForCausalLM.from_pretrained(work, gguf_file=path.name, dtype=torch.float32).eval()
             fidelity[gguf_type] = compare(reference, distributions(model, batch))
             fidelity[gguf_type]["size_mb"] = path.stat().st_size / 2**20
-            fidelity[gguf_type] |= {"bits": 8 * path.stat().st_size / weights, "7b_gb": llama_7b_gb(path)}
+            fidelity[gguf_type] |= {"bits": 8 * path.stat().st_size / weights, "7b_gb": llama_7b_gb(gguf_type)}
             if gguf_type == "f16":
                 agreement = llama_cpp_agreement(path, model, tokenizer(tokenizer.apply_chat_template(
                     [{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True,

@@ -2,6 +2,7 @@
 file back (`gguf_file=`), its tokenizer must give the run's token ids and its logits those of the
 `--format merged` export; llama-cpp-python, where it is installed, must generate the same tokens."""
 
+import io
 import json
 import re
 import sys
@@ -23,7 +24,7 @@ from qsvd.cli import cli
 from qsvd.errors import QSVDError
 from qsvd.export import checkpoint_names
 from qsvd.devices import DTYPES
-from qsvd.export_gguf import GGUF_TYPES, byte_level_pre_tokenizer, gguf_architecture, plan_tensors, read_vocabulary
+from qsvd.export_gguf import EXPORT_TYPES, GGUF_TYPES, byte_level_pre_tokenizer, gguf_architecture, plan_tensors, read_vocabulary
 from qsvd.files import host_name
 from qsvd.load import ModelFiles
 
@@ -77,19 +78,21 @@ def llama_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny(kind: str):
-    """A random tiny model of `kind` with its tokenizer; Qwen2 with tied embeddings and q/k/v biases."""
+def tiny(kind: str, **sizes):
+    """A random tiny model of `kind` with its tokenizer; Qwen2 with tied embeddings and q/k/v biases;
+    `sizes` override SIZES."""
     torch.manual_seed(0)
+    sizes = SIZES | sizes
     if kind == "qwen2":
         tokenizer = qwen2_tokenizer()
-        config = Qwen2Config(**SIZES, vocab_size=320, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+        config = Qwen2Config(**sizes, vocab_size=320, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
         model = Qwen2ForCausalLM(config)
     else:
         tokenizer = llama_tokenizer()
         config_cls, model_cls = ((LlamaConfig, LlamaForCausalLM) if kind == "llama" else
                                  (MistralConfig, MistralForCausalLM))
-        config = config_cls(**SIZES, vocab_size=336, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        config = config_cls(**sizes, vocab_size=336, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
         model = model_cls(config)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):  # a trained model's norms are no ones: the file must keep them exactly
@@ -190,6 +193,64 @@ def test_llama_cpp_reads_the_tokenizer_and_generates_transformers_tokens(run):
     assert expected  # at least one token before the end of text
     generated = list(islice(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), len(expected)))
     assert generated == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["qwen2"], indirect=True)
+def test_qsvd_chat_runs_the_gguf_through_llama_cpp(run):
+    """`qsvd chat FILE.gguf`: llama.cpp, with the chat template in the file, answers as transformers
+    does from the same file (greedy, f16)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    _, root, _ = run
+    path = qsvd.export(root / "run", root / "chat" / "tiny.gguf", format="gguf", overwrite=True)
+    answer = qsvd.chat(path, prompt="Ava has 3 apples.", temperature=0, max_new_tokens=8, out=io.StringIO())
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Ava has 3 apples."}],
+                                           add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = load(root, path.name).generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    assert answer == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory):
+    """A tiny Llama 256 weights wide (a k-quant block: narrower rows fall back to other types), one edora step."""
+    root = tmp_path_factory.mktemp("gguf-wide")
+    return root, save_and_train(root, *tiny("llama", hidden_size=256, intermediate_size=512), method="edora", bits=4,
+                                max_steps=1, lr=5e-2, batch_size=4)
+
+
+# what llama.cpp's quantizer makes of attn_q and of block 0's ffn_down (use_more_bits: a k-quant mix's q6_k)
+K_QUANT_TYPES = {"q6_k": ("Q6_K", "Q6_K"), "q5_k_m": ("Q5_K", "Q6_K"), "q4_k_m": ("Q4_K", "Q6_K")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gguf_type", EXPORT_TYPES)
+def test_llama_cpp_runs_every_type_as_transformers_does(wide_run, gguf_type):
+    """llama.cpp loads each type's file and generates transformers' greedy tokens from the same file,
+    except where its own arithmetic at that type (activations rounded to 8 bits for quantized weights)
+    flips a near tie: there transformers' two candidates are within 2% of the largest logit."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    root, run_dir = wide_run
+    path = qsvd.export(run_dir, root / f"wide-{gguf_type}.gguf", format="gguf", gguf_type=gguf_type, overwrite=True)
+    types = {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(path).tensors}
+    expected_types = K_QUANT_TYPES.get(gguf_type, (gguf_type.upper(),) * 2)
+    assert (types["blk.0.attn_q.weight"], types["blk.0.ffn_down.weight"]) == expected_types
+    model, tokenizer = load(root, path.name), AutoTokenizer.from_pretrained(root / "model")
+    prompt = tokenizer(STRINGS[0])["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, verbose=False)
+    generated = list(islice(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), len(expected)))
+    same = next((i for i, (a, b) in enumerate(zip(generated, expected)) if a != b), len(expected))
+    print(f"{gguf_type}: llama.cpp's greedy tokens are transformers' for {same} of {len(expected)}")
+    if same < len(expected):
+        with torch.no_grad():
+            scores = model(torch.tensor([prompt + expected[:same]])).logits[0, -1]
+        gap = (scores[expected[same]] - scores[generated[same]]).item() / scores.abs().max().item()
+        print(f"  first difference: transformers' top token leads llama.cpp's by {gap:.2%} of the largest logit")
+        assert gap < 0.02
 
 
 @pytest.fixture(scope="module")

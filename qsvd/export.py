@@ -240,7 +240,7 @@ def card(run: Run, files: ModelFiles, updates: dict[str, LoraUpdate], format: st
                 f"model = AutoModelForCausalLM.from_pretrained({str(final_output)!r})")
     else:
         exported = f"a GGUF file in {weights}, merged into the {base} base weights"
-        load = f"qsvd chat {final_output}\nollama create {run.path.name} -f {final_output.with_suffix('.Modelfile')}"
+        load = f"qsvd chat {final_output}\nollama create {run.path.name} -f {gguf_companions(final_output)[0]}"
     table = "\n".join(f"| {key} | {value} |" for key, value in card_rows(run, updates, exported))
     note = ""
     if run.spec.bits < 16 and base == "original":

@@ -10,6 +10,7 @@ import yaml
 
 from .batching import BATCHINGS
 from .config import TASK_TYPES, FinetuneConfig
+from .chat import chat as run_chat
 from .data import EVAL_TASKS
 from .devices import COMPUTE_DTYPES, DTYPES
 from .distributed import launched, relaunch, without_option
@@ -17,7 +18,7 @@ from .errors import Interrupted, QSVDError, first_line, is_disk_full, raise_inte
 from .evaluate import evaluate as run_evaluate
 from .export import BASES, FORMATS
 from .export import export as run_export
-from .export_gguf import GGUF_TYPES
+from .export_gguf import EXPORT_TYPES
 from .files import one_writer
 from .finetune import check_inputs
 from .finetune import finetune as run_finetune
@@ -35,7 +36,7 @@ def defaults_of(function) -> dict:
 
 
 DEFAULT = FinetuneConfig()  # `finetune`, `init` and `plan`: every default the help names is this one's
-EVAL_DEFAULT, EXPORT_DEFAULT = defaults_of(run_evaluate), defaults_of(run_export)
+EVAL_DEFAULT, EXPORT_DEFAULT, CHAT_DEFAULT = defaults_of(run_evaluate), defaults_of(run_export), defaults_of(run_chat)
 MODEL_HELP = (f"A hub id ORG/NAME, an alias ({', '.join(ALIASES)}; default {DEFAULT.model}), a local HF directory "
               f"with safetensors, or a .gguf file.")
 REVISION_HELP = "A hub model's branch, tag or commit (default: main)."
@@ -176,6 +177,24 @@ def eval_(ctx: click.Context, target, **options) -> None:
         run_evaluate(target, **options)
 
 
+@cli.command()
+@click.argument("target", metavar="RUN_DIR | MODEL | FILE.gguf")
+@click.option("--prompt", help="Answer this one message and exit (for scripts).")
+@click.option("--system", help="A system prompt, first in every conversation.")
+@click.option("--max-new-tokens", type=int, default=CHAT_DEFAULT["max_new_tokens"], show_default=True, help="Longest answer.")
+@click.option("--temperature", type=float, default=CHAT_DEFAULT["temperature"], show_default=True, help="0: greedy.")
+@click.option("--top-p", type=float, default=CHAT_DEFAULT["top_p"], show_default=True, help="Sample within this much probability.")
+@click.option("--bits", type=int, help="A plain model's storage: 4, 8 or 16 (default 16); a run keeps its own.")
+@click.option("--revision", help=REVISION_HELP + " For a plain model.")
+@click.pass_context
+def chat(ctx: click.Context, target, **options) -> None:
+    """Talk to a run (its base plus the adapter, as trained), a model, or a GGUF file (through llama.cpp).
+
+    Answers stream as they are generated; Ctrl-C ends an answer, /reset starts over, /exit leaves."""
+    with user_errors(ctx):
+        run_chat(target, **options)
+
+
 @cli.command("export")
 @click.argument("run_dir")
 @click.option("--format", "format_", type=click.Choice(FORMATS), default=EXPORT_DEFAULT["format"], show_default=True,
@@ -185,11 +204,17 @@ def eval_(ctx: click.Context, target, **options) -> None:
                                "gguf: the file (default: RUN_DIR-<gguf type>.gguf).")
 @click.option("--base", type=click.Choice(BASES), default=EXPORT_DEFAULT["base"], show_default=True,
               help="merged, gguf: merge into the original weights, or into deq(Q(W)), the weights the adapter was trained against.")
-@click.option("--gguf-type", type=click.Choice(list(GGUF_TYPES)), default=EXPORT_DEFAULT["gguf_type"], show_default=True,
-              help="gguf: weight type (q8_0: 8-bit blocks of 32, about half the size of f16).")
+@click.option("--gguf-type", type=click.Choice(EXPORT_TYPES), default=EXPORT_DEFAULT["gguf_type"], show_default=True,
+              help="gguf: weight type. q8_0: 8-bit blocks of 32, about half the size of f16; q5_1, q5_0, q4_1, "
+                   "q4_0: 5 or 4 bits in blocks of 32; q6_k, q5_k_m, q4_k_m: llama.cpp's k-quants, made by llama.cpp "
+                   "itself (the qsvd[llama-cpp] extra); q4_k_m is Ollama's and LM Studio's usual type.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default=EXPORT_DEFAULT["dtype"], show_default=True, help="merged: weight dtype.")
 @click.option("--shard-size", default=EXPORT_DEFAULT["shard_size"], show_default=True, help="merged: largest safetensors shard; peak memory is about twice this plus one layer, whatever the model size.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export in --output.")
+@click.option("--push-to-hub", metavar="ORG/NAME", help="Then upload the export to this Hub model repo (made if missing; "
+                                                        "needs `hf auth login` or HF_TOKEN).")
+@click.option("--private", is_flag=True, help="--push-to-hub: make a new repo private.")
+@click.option("--revision", help="--push-to-hub: the branch to commit to (made if missing; default main).")
 @click.pass_context
 def export(ctx: click.Context, run_dir, format_, **options) -> None:
     """Export a run as a PEFT adapter, a merged checkpoint that any HF stack loads, or a GGUF file."""

@@ -267,15 +267,20 @@ def to_chat(row: dict, shape: Shape) -> list[dict]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
 
 
-def prompt_and_completion(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """Render with the tokenizer's chat template, or a plain instruction template without one."""
-    context, answer = messages[:-1], messages[-1]["content"]
+def render_prompt(context: list[dict], tokenizer: PreTrainedTokenizerBase) -> str:
+    """The text an assistant's answer to `context` follows: the tokenizer's chat template with its
+    generation prompt, or a plain instruction template without one."""
     if tokenizer.chat_template:
-        prompt = tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages, tokenize=False)
-        return prompt, full[len(prompt):]
-    user_text = "\n\n".join(m["content"] for m in context)
-    return PLAIN_TEMPLATE.format(prompt=user_text), answer + tokenizer.eos_token
+        return tokenizer.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
+    return PLAIN_TEMPLATE.format(prompt="\n\n".join(m["content"] for m in context))
+
+
+def prompt_and_completion(messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """The prompt (`render_prompt` of the turns before the last) and the answer's text after it."""
+    prompt = render_prompt(messages[:-1], tokenizer)
+    if tokenizer.chat_template:
+        return prompt, tokenizer.apply_chat_template(messages, tokenize=False)[len(prompt):]
+    return prompt, messages[-1]["content"] + tokenizer.eos_token
 
 
 def tokenize_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -28,14 +28,17 @@ from . import quantize
 from .config import parse_size
 from .console import console
 from .errors import QSVDError
-from .export_gguf import ARCHITECTURES, GGUF_TYPES, gguf_architecture, modelfile, read_vocabulary, write_gguf
-from .files import check_output, check_writable, one_writer, publish
+from .export_gguf import (ARCHITECTURES, EXPORT_TYPES, GGUF_TYPES, LLAMA_CPP_TYPES, gguf_architecture, llama_cpp,
+                          llama_quantize, modelfile, read_vocabulary, write_gguf)
+from .files import check_output, check_writable, one_writer, publish, remove, temp_suffix
 from .load import ModelFiles, empty_model, read_config, read_tokenizer
 from .memory import group_by_size, return_freed_memory
 from .methods import METHODS
 from .run_dir import Run, read_run
 from .devices import DTYPES
 from .split import find_targets, trained_targets
+from .upload import check_repo_id
+from .upload import push_to_hub as upload
 from .version import __version__
 from .weights import open_weights
 
@@ -222,53 +225,65 @@ def card_rows(run: Run, updates: dict[str, LoraUpdate], exported: str) -> list[t
     return rows + [("exported as", f"{exported}, by qsvd {__version__}")]
 
 
-def write_card(output: Path, final_output: Path, run: Run, files: ModelFiles, updates: dict[str, LoraUpdate],
-               format: str, base: str, dtype: str) -> None:
-    """README.md: what was trained, on what, how long, how well, and how to load the export."""
+def card(run: Run, files: ModelFiles, updates: dict[str, LoraUpdate], format: str, base: str, weights: str,
+         final_output: Path) -> str:
+    """The model card (README.md): metadata for the Hub, what was trained, on what, how long, how well,
+    and how to load or run the export. `weights`: the merged dtype, or the GGUF type."""
     if format == "peft":
         rank = next(iter(updates.values())).A.shape[0]
         exported = f"a rank-{rank} PEFT " + ("DoRA adapter" if has_magnitude(updates) else "LoRA adapter")
         load = (f"from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"
                 f"base = {base_loader(run, files)}\nmodel = PeftModel.from_pretrained(base, {str(final_output)!r})")
-    else:
-        exported = f"a merged checkpoint in {dtype}, merged into the {base} base weights"
+    elif format == "merged":
+        exported = f"a merged checkpoint in {weights}, merged into the {base} base weights"
         load = (f"from transformers import AutoModelForCausalLM\n\n"
                 f"model = AutoModelForCausalLM.from_pretrained({str(final_output)!r})")
+    else:
+        exported = f"a GGUF file in {weights}, merged into the {base} base weights"
+        load = f"qsvd chat {final_output}\nollama create {run.path.name} -f {gguf_companions(final_output)[0]}"
     table = "\n".join(f"| {key} | {value} |" for key, value in card_rows(run, updates, exported))
     note = ""
     if run.spec.bits < 16 and base == "original":
         note = (f"\nThe adapter was trained against a {run.spec.bits}-bit copy of the base. On the original "
                 f"weights its outputs differ from the trained model's by about that quantization's error; "
                 f"`qsvd export --format merged --base dequantized` merges into the weights it was trained against.\n")
-    front_matter = (f"---\nbase_model: {base_model_name(run, files)}\n"
-                    f"library_name: {'peft' if format == 'peft' else 'transformers'}\n"
-                    f"tags:\n- qsvd\n- {run.spec.method}\n---\n")
+    library = {"peft": "peft", "merged": "transformers", "gguf": "gguf"}[format]
+    tags = ["qsvd", run.spec.method] + (["gguf", weights] if format == "gguf" else [])
+    front_matter = (f"---\nbase_model: {base_model_name(run, files)}\nlibrary_name: {library}\ntags:\n"
+                    + "".join(f"- {tag}\n" for tag in tags) + "---\n")
     local = ""
-    if read_config(files.config_dir, run.trust_remote_code).model_type in ARCHITECTURES:
+    if format != "gguf" and read_config(files.config_dir, run.trust_remote_code).model_type in ARCHITECTURES:
         gguf, name = run.path.with_name(f"{run.path.name}-q8_0.gguf"), run.path.name
         local = (f"\n## Run it locally: llama.cpp, Ollama, LM Studio\n\n```bash\n"
                  f"qsvd export {run.path} --format gguf --gguf-type q8_0   # {gguf.name} and "
                  f"{gguf.with_suffix('.Modelfile').name}\n"
                  f"ollama create {name} -f {gguf.with_suffix('.Modelfile')} && ollama run {name}\n```\n")
-    (output / "README.md").write_text(
-        f"{front_matter}\n# {run.spec.method} fine-tune of {run.model}\n\nTrained with qsvd (run {run.path.name}).\n\n"
-        f"| | |\n|---|---|\n{table}\n{note}\n## Load\n\n```python\n{load}\n```\n{local}")
+    return (f"{front_matter}\n# {run.spec.method} fine-tune of {run.model}\n\nTrained with qsvd (run {run.path.name}).\n\n"
+            f"| | |\n|---|---|\n{table}\n{note}\n## {'Run' if format == 'gguf' else 'Load'}\n\n"
+            f"```{'bash' if format == 'gguf' else 'python'}\n{load}\n```\n{local}")
+
+
+def gguf_companions(output: Path) -> tuple[Path, Path]:
+    """A GGUF export's Ollama Modelfile and model card, beside the file."""
+    return output.with_suffix(".Modelfile"), output.with_suffix(".md")
 
 
 def check_gguf_output(output: Path, overwrite: bool) -> None:
     if output.suffix != ".gguf":
         raise QSVDError(f"--output {output}: a GGUF export is one file, named *.gguf")
     check_writable(output)
-    for path in (output, output.with_suffix(".Modelfile")):
+    for path in (output, *gguf_companions(output)):
         if path.is_dir() or (path.exists() and not overwrite):
             raise QSVDError(f"{path} already exists; choose another --output or pass --overwrite")
 
 
 def export(run_dir: str | Path, output: str | Path | None = None, format: str = "peft", base: str = "original",
-           dtype: str = "bf16", shard_size: str = SHARD_SIZE, gguf_type: str = "f16", overwrite: bool = False) -> Path:
+           dtype: str = "bf16", shard_size: str = SHARD_SIZE, gguf_type: str = "f16", overwrite: bool = False,
+           push_to_hub: str | None = None, private: bool = False, revision: str | None = None) -> Path:
     """Export a run as `qsvd export` does; returns the export directory (the file, for gguf).
 
-    Everything is checked before anything is written, and each output appears in one rename.
+    Everything is checked before anything is written, and each output appears in one rename. With
+    `push_to_hub` (ORG/NAME) the finished export is then uploaded to that Hub model repo.
     """
     if format not in FORMATS:
         raise QSVDError(f"--format {format!r} is not one of: {', '.join(FORMATS)}")
@@ -276,11 +291,17 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
         raise QSVDError(f"--base {base!r} is not one of: {', '.join(BASES)}")
     if dtype not in DTYPES:
         raise QSVDError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
-    if gguf_type not in GGUF_TYPES:
-        raise QSVDError(f"--gguf-type {gguf_type!r} is not one of: {', '.join(GGUF_TYPES)}")
+    if gguf_type not in EXPORT_TYPES:
+        raise QSVDError(f"--gguf-type {gguf_type!r} is not one of: {', '.join(EXPORT_TYPES)}")
+    if format == "gguf" and gguf_type in LLAMA_CPP_TYPES:
+        llama_cpp(f"--gguf-type {gguf_type}")
     if format == "peft" and base != "original":
         raise QSVDError("a PEFT adapter always applies to the original base; --base dequantized "
                         "is for --format merged and gguf")
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub)
+    elif private or revision is not None:
+        raise QSVDError("--private and --revision are for --push-to-hub")
     shard_bytes = parse_size(shard_size, "--shard-size")
     run = read_run(run_dir)
     if format == "gguf":
@@ -296,23 +317,41 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
         architecture = gguf_architecture(model.config)
         vocabulary = read_vocabulary(files, tokenizer, model.config.vocab_size)
     updates = lora_updates(run, model)
+    card_text = card(run, files, updates, format, base, gguf_type if format == "gguf" else dtype, output)
 
     def write(tmp: Path) -> None:
         if format == "peft":
             write_peft(tmp, run, updates, peft_targets(updates, model), base_model_name(run, files))
         else:
             write_merged(tmp, run, files, model, updates, base, DTYPES[dtype], shard_bytes)
-        write_card(tmp, output, run, files, updates, format, base, dtype)
+        (tmp / "README.md").write_text(card_text)
+
+    def write_gguf_file(tmp: Path) -> None:
+        """The GGUF; a k-quant is made by llama.cpp from an f16 file written first."""
+        name, names = f"{run.spec.method} fine-tune of {run.model}", checkpoint_names(model)
+        read_merged = merged_reader(run, files, model, updates, base)
+        if gguf_type in GGUF_TYPES:
+            return write_gguf(tmp, model, architecture, vocabulary, files, names, read_merged, gguf_type, name)
+        f16 = output.with_name(f".{output.name}.f16{temp_suffix()}")
+        try:
+            write_gguf(f16, model, architecture, vocabulary, files, names, read_merged, "f16", name)
+            llama_quantize(f16, tmp, gguf_type)
+        finally:
+            remove(f16)
 
     with one_writer(output, wait=False):
-        if format == "gguf":  # the file, then an Ollama Modelfile beside it, each in one rename
-            read_merged = merged_reader(run, files, model, updates, base)
-            name = f"{run.spec.method} fine-tune of {run.model}"
-            publish(output, lambda tmp: write_gguf(tmp, model, architecture, vocabulary, files,
-                                                   checkpoint_names(model), read_merged, gguf_type, name), directory=False)
-            text = modelfile(output, tokenizer.chat_template, tokenizer.eos_token)
-            publish(output.with_suffix(".Modelfile"), lambda tmp: tmp.write_text(text), directory=False)
+        if format == "gguf":  # the file, then its Modelfile and card beside it, each in one rename
+            publish(output, write_gguf_file, directory=False)
+            modelfile_path, card_path = gguf_companions(output)
+            text = modelfile(output, f"{run.spec.method} fine-tune of {run.model}, {gguf_type} weights, by qsvd "
+                                     f"{__version__}", tokenizer.chat_template, tokenizer.eos_token)
+            publish(modelfile_path, lambda tmp: tmp.write_text(text), directory=False)
+            publish(card_path, lambda tmp: tmp.write_text(card_text), directory=False)
         else:
             publish(output, write)
     console.print(f"exported {run.path} ({run.spec.method}) as {format} to {output}")
+    if push_to_hub is not None:
+        contents = output if format != "gguf" else {output.name: output, modelfile_path.name: modelfile_path,
+                                                     "README.md": card_path}
+        upload(push_to_hub, contents, private, revision, output)
     return output

@@ -3,8 +3,8 @@
 The weights are the `merged` export's W' (every update merged into the original weights),
 written as llama.cpp's converter (convert_hf_to_gguf.py) writes them: its tensor names, Llama's
 q/k rows in llama.cpp's rotary order, 1-D tensors in f32 and the others in the chosen type
-(q8_0: blocks of 32 weights with one f16 scale; a tensor whose rows are no multiple of 32 stays
-f16). The metadata holds the architecture's hyperparameters and the tokenizer: vocabulary, token
+(q8_0: blocks of 32 weights with one f16 scale; q5_1, q5_0, q4_1, q4_0: blocks of 32 at 5 or 4 bits,
+with an f16 scale and, for _1, an f16 minimum; a tensor whose rows are no multiple of 32 stays f16). The metadata holds the architecture's hyperparameters and the tokenizer: vocabulary, token
 types, merges, special tokens and chat template, copied from the source GGUF where the model came
 from one, else built from its tokenizer.json as llama.cpp's converter builds them.
 
@@ -27,10 +27,13 @@ from .console import console
 from .errors import QSVDError, first_line
 from .load import ModelFiles
 
-GGUF_TYPES = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
-              "q8_0": gguf.GGMLQuantizationType.Q8_0}
-FILE_TYPES = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+# --gguf-type → (the type of each 2-D tensor, the file's type), all written by the gguf package's own code
+GGUF_TYPES = {name.lower(): (getattr(gguf.GGMLQuantizationType, name), getattr(gguf.LlamaFileType, f"MOSTLY_{name}"))
+              for name in ("F16", "BF16", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")}
+# --gguf-type → llama.cpp's file type, for the k-quants that llama.cpp's own quantizer makes from an f16 file
+LLAMA_CPP_TYPES = {"q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                   "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+EXPORT_TYPES = [*GGUF_TYPES, *LLAMA_CPP_TYPES]
 # model_type → llama.cpp's architecture (its converter writes Mistral as llama)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 ROTARY_ORDER_ARCHITECTURES = {"llama"}  # q and k rows permuted to llama.cpp's rotary order
@@ -216,7 +219,7 @@ def tensor_name_map(architecture: str, blocks: int) -> gguf.TensorNameMap:
 
 def plan_tensors(model: PreTrainedModel, names: list[str], architecture: str, gguf_type: str) -> list[TensorPlan]:
     """Each checkpoint tensor's GGUF name and type: 1-D ones f32, others the chosen type, or f16
-    where a q8_0 block would not fit a row."""
+    where its block (32 weights) would not fit a row."""
     name_map = tensor_name_map(architecture, model.config.num_hidden_layers)
     state = model.state_dict()
     plans = []
@@ -225,8 +228,8 @@ def plan_tensors(model: PreTrainedModel, names: list[str], architecture: str, gg
         gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise QSVDError(f"llama.cpp's {architecture} has no tensor for {name}")
-        qtype = GGUF_TYPES[gguf_type] if len(shape) > 1 else gguf.GGMLQuantizationType.F32
-        if qtype == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        qtype = GGUF_TYPES[gguf_type][0] if len(shape) > 1 else gguf.GGMLQuantizationType.F32
+        if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             qtype = gguf.GGMLQuantizationType.F16
         plans.append(TensorPlan(name, gguf_name, shape, qtype))
     return plans
@@ -263,7 +266,7 @@ def write_gguf(path: Path, model: PreTrainedModel, architecture: str, vocabulary
     plans = plan_tensors(model, names, architecture, gguf_type)
     writer = gguf.GGUFWriter(path, architecture)
     add_hyperparameters(writer, config, name)
-    writer.add_file_type(FILE_TYPES[gguf_type])
+    writer.add_file_type(GGUF_TYPES[gguf_type][1])
     add_tokenizer(writer, files, vocabulary, config.vocab_size)
     factors = rope_factors(config)
     if factors is not None:  # first, as llama.cpp's converter writes its generated tensors
@@ -285,14 +288,37 @@ def write_gguf(path: Path, model: PreTrainedModel, architecture: str, vocabulary
         writer.close()
 
 
+def llama_cpp(purpose: str):
+    """llama-cpp-python, or one line saying how to get it."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise QSVDError(f"{purpose} needs llama-cpp-python: pip install 'qsvd[llama-cpp]' (it compiles llama.cpp: "
+                        f"about 10 minutes on 2 CPU cores)") from None
+    return llama_cpp
+
+
+def llama_quantize(source: Path, target: Path, gguf_type: str) -> None:
+    """llama.cpp's own quantizer (llama-quantize's code): the f16 GGUF `source` as `gguf_type` in `target`."""
+    import ctypes
+
+    library = llama_cpp(f"--gguf-type {gguf_type}")
+    params = library.llama_model_quantize_default_params()
+    params.ftype = getattr(library, LLAMA_CPP_TYPES[gguf_type])
+    console.print(f"quantizing to {gguf_type} with llama.cpp ...")
+    if library.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise QSVDError(f"llama.cpp could not quantize the model to {gguf_type} (its log above says why)")
+
+
 def chat_format(chat_template: str | None) -> str | None:
     """The marker of the Ollama template that the chat template follows, if any."""
     return next((marker for marker in OLLAMA_TEMPLATES if chat_template and marker in chat_template), None)
 
 
-def modelfile(gguf_file: Path, chat_template: str | None, eos_token: str | None) -> str:
-    """An Ollama Modelfile: FROM the file beside it, the chat format as a TEMPLATE, its stop tokens."""
-    lines = [f"FROM ./{gguf_file.name}"]
+def modelfile(gguf_file: Path, title: str, chat_template: str | None, eos_token: str | None) -> str:
+    """An Ollama Modelfile: what the file is (`title`), FROM the file beside it, the chat format as
+    a TEMPLATE, its stop tokens."""
+    lines = [f"# {title}", f"FROM ./{gguf_file.name}"]
     marker = chat_format(chat_template)
     stops = [eos_token] if eos_token else []
     if marker is not None:
@@ -300,7 +326,7 @@ def modelfile(gguf_file: Path, chat_template: str | None, eos_token: str | None)
         lines.append(f'TEMPLATE """{template}"""')
         stops = format_stops + [stop for stop in stops if stop not in format_stops]
     else:
-        lines.insert(0, "# No TEMPLATE: the chat template is none Ollama's templates follow; Ollama reads the "
+        lines.insert(1, "# No TEMPLATE: the chat template is none Ollama's templates follow; Ollama reads the "
                         "one in the GGUF's metadata")
     lines += [f'PARAMETER stop "{stop}"' for stop in stops]
     return "\n".join(lines) + "\n"

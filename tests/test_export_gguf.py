@@ -2,8 +2,10 @@
 file back (`gguf_file=`), its tokenizer must give the run's token ids and its logits those of the
 `--format merged` export; llama-cpp-python, where it is installed, must generate the same tokens."""
 
+import io
 import json
 import re
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -21,7 +23,8 @@ import qsvd
 from qsvd.cli import cli
 from qsvd.errors import QSVDError
 from qsvd.export import checkpoint_names
-from qsvd.export_gguf import byte_level_pre_tokenizer, gguf_architecture, plan_tensors, read_vocabulary
+from qsvd.devices import DTYPES
+from qsvd.export_gguf import EXPORT_TYPES, GGUF_TYPES, byte_level_pre_tokenizer, gguf_architecture, plan_tensors, read_vocabulary
 from qsvd.files import host_name
 from qsvd.load import ModelFiles
 
@@ -75,19 +78,21 @@ def llama_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def tiny(kind: str):
-    """A random tiny model of `kind` with its tokenizer; Qwen2 with tied embeddings and q/k/v biases."""
+def tiny(kind: str, **sizes):
+    """A random tiny model of `kind` with its tokenizer; Qwen2 with tied embeddings and q/k/v biases;
+    `sizes` override SIZES."""
     torch.manual_seed(0)
+    sizes = SIZES | sizes
     if kind == "qwen2":
         tokenizer = qwen2_tokenizer()
-        config = Qwen2Config(**SIZES, vocab_size=320, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+        config = Qwen2Config(**sizes, vocab_size=320, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
         model = Qwen2ForCausalLM(config)
     else:
         tokenizer = llama_tokenizer()
         config_cls, model_cls = ((LlamaConfig, LlamaForCausalLM) if kind == "llama" else
                                  (MistralConfig, MistralForCausalLM))
-        config = config_cls(**SIZES, vocab_size=336, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        config = config_cls(**sizes, vocab_size=336, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
         model = model_cls(config)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):  # a trained model's norms are no ones: the file must keep them exactly
@@ -108,13 +113,11 @@ def save_and_train(root: Path, model, tokenizer, **options) -> Path:
 
 @pytest.fixture(scope="module")
 def run(request, tmp_path_factory):
-    """One 4-bit edora run on a tiny model of the parametrized kind, and its merged exports."""
+    """One 4-bit edora run on a tiny model of the parametrized kind, and its fp32 merged export."""
     kind = request.param
     root = tmp_path_factory.mktemp(f"gguf-{kind}")
     run_dir = save_and_train(root, *tiny(kind), method="edora", bits=4, max_steps=2, lr=5e-2, batch_size=4)
-    merged = {dtype: qsvd.export(run_dir, root / f"merged-{dtype}", format="merged", dtype=dtype)
-              for dtype in ("fp32", "fp16", "bf16")}
-    return kind, root, merged
+    return kind, root, qsvd.export(run_dir, root / "merged-fp32", format="merged", dtype="fp32")
 
 
 def load(model_dir: Path, gguf_file: str | None = None):
@@ -131,7 +134,7 @@ def biggest_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("run", ["llama", "qwen2"], indirect=True)
-@pytest.mark.parametrize("gguf_type", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("gguf_type", list(GGUF_TYPES))
 def test_gguf_loads_in_transformers_with_the_runs_tokenizer_and_logits(run, gguf_type):
     kind, root, merged = run
     path = qsvd.export(root / "run", format="gguf", gguf_type=gguf_type)
@@ -152,15 +155,24 @@ def test_gguf_loads_in_transformers_with_the_runs_tokenizer_and_logits(run, gguf
         assert theirs(text)["input_ids"] == ours(text)["input_ids"], text
     assert theirs.chat_template == ours.chat_template
 
-    exported, full = load(root, path.name), load(merged["fp32"])
-    if gguf_type != "q8_0":  # the merged export's weights rounded to the type, the 1-D ones (f32) exact
-        rounded = load(merged[{"f16": "fp16", "bf16": "bf16"}[gguf_type]]).state_dict()
-        for name, tensor in exported.state_dict().items():
-            expected = rounded[name] if tensor.dim() > 1 else full.state_dict()[name]
-            assert torch.equal(tensor, expected), name
+    exported, full = load(root, path.name), load(merged)
+    for name, tensor in exported.state_dict().items():  # the merged export's weights rounded to the type
+        assert torch.equal(tensor, rounded(full.state_dict()[name], gguf_type)), name
     gap = biggest_gap(logits(exported), logits(full)) / logits(full).abs().max().item()
     print(f"{kind} {gguf_type}: largest logit gap to the fp32 merge {gap:.2e} of the largest logit")
-    assert gap < {"f16": 2e-3, "bf16": 2e-2, "q8_0": 3e-2}[gguf_type]
+    assert gap < GAPS[gguf_type]
+
+
+GAPS = {"f16": 2e-3, "bf16": 2e-2, "q8_0": 3e-2, "q5_1": 1.5e-1, "q5_0": 1.5e-1, "q4_1": 3e-1, "q4_0": 3e-1}
+
+
+def rounded(weight: torch.Tensor, gguf_type: str) -> torch.Tensor:
+    """An fp32 merged weight as the GGUF type stores it: 1-D ones exact (f32), the others rounded to
+    f16 or bf16, or quantized and dequantized by gguf's own code."""
+    if weight.dim() == 1 or gguf_type in ("f16", "bf16"):
+        return weight if weight.dim() == 1 else weight.to(DTYPES[{"f16": "fp16", "bf16": "bf16"}[gguf_type]]).float()
+    qtype = GGUF_TYPES[gguf_type][0]
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(weight.numpy(), qtype), qtype))
 
 
 @pytest.mark.slow
@@ -181,6 +193,64 @@ def test_llama_cpp_reads_the_tokenizer_and_generates_transformers_tokens(run):
     assert expected  # at least one token before the end of text
     generated = list(islice(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), len(expected)))
     assert generated == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["qwen2"], indirect=True)
+def test_qsvd_chat_runs_the_gguf_through_llama_cpp(run):
+    """`qsvd chat FILE.gguf`: llama.cpp, with the chat template in the file, answers as transformers
+    does from the same file (greedy, f16)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    _, root, _ = run
+    path = qsvd.export(root / "run", root / "chat" / "tiny.gguf", format="gguf", overwrite=True)
+    answer = qsvd.chat(path, prompt="Ava has 3 apples.", temperature=0, max_new_tokens=8, out=io.StringIO())
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Ava has 3 apples."}],
+                                           add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = load(root, path.name).generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    assert answer == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory):
+    """A tiny Llama 256 weights wide (a k-quant block: narrower rows fall back to other types), one edora step."""
+    root = tmp_path_factory.mktemp("gguf-wide")
+    return root, save_and_train(root, *tiny("llama", hidden_size=256, intermediate_size=512), method="edora", bits=4,
+                                max_steps=1, lr=5e-2, batch_size=4)
+
+
+# what llama.cpp's quantizer makes of attn_q and of block 0's ffn_down (use_more_bits: a k-quant mix's q6_k)
+K_QUANT_TYPES = {"q6_k": ("Q6_K", "Q6_K"), "q5_k_m": ("Q5_K", "Q6_K"), "q4_k_m": ("Q4_K", "Q6_K")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gguf_type", EXPORT_TYPES)
+def test_llama_cpp_runs_every_type_as_transformers_does(wide_run, gguf_type):
+    """llama.cpp loads each type's file and generates transformers' greedy tokens from the same file,
+    except where its own arithmetic at that type (activations rounded to 8 bits for quantized weights)
+    flips a near tie: there transformers' two candidates are within 2% of the largest logit."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    root, run_dir = wide_run
+    path = qsvd.export(run_dir, root / f"wide-{gguf_type}.gguf", format="gguf", gguf_type=gguf_type, overwrite=True)
+    types = {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(path).tensors}
+    expected_types = K_QUANT_TYPES.get(gguf_type, (gguf_type.upper(),) * 2)
+    assert (types["blk.0.attn_q.weight"], types["blk.0.ffn_down.weight"]) == expected_types
+    model, tokenizer = load(root, path.name), AutoTokenizer.from_pretrained(root / "model")
+    prompt = tokenizer(STRINGS[0])["input_ids"]
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False)[0, len(prompt):].tolist()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, verbose=False)
+    generated = list(islice(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0), len(expected)))
+    same = next((i for i, (a, b) in enumerate(zip(generated, expected)) if a != b), len(expected))
+    print(f"{gguf_type}: llama.cpp's greedy tokens are transformers' for {same} of {len(expected)}")
+    if same < len(expected):
+        with torch.no_grad():
+            scores = model(torch.tensor([prompt + expected[:same]])).logits[0, -1]
+        gap = (scores[expected[same]] - scores[generated[same]]).item() / scores.abs().max().item()
+        print(f"  first difference: transformers' top token leads llama.cpp's by {gap:.2%} of the largest logit")
+        assert gap < 0.02
 
 
 @pytest.fixture(scope="module")
@@ -228,18 +298,22 @@ def test_mistral_is_written_as_llama(tmp_path):
     merged = qsvd.export(tmp_path / "run", tmp_path / "merged", format="merged", dtype="fp32")
     assert biggest_gap(logits(load(path.parent, path.name)), logits(load(merged))) < 1e-2
     modelfile = (tmp_path / "out" / "mistral.Modelfile").read_text()
-    assert modelfile.startswith("# No TEMPLATE") and 'FROM ./mistral.gguf' in modelfile
+    assert modelfile.splitlines()[1].startswith("# No TEMPLATE") and 'FROM ./mistral.gguf' in modelfile
     assert 'PARAMETER stop "</s>"' in modelfile
 
 
 @pytest.mark.parametrize("run", ["qwen2"], indirect=True)
-def test_modelfile_and_cli(run):
+def test_modelfile_and_cli(run, monkeypatch):
     _, root, _ = run
     result = CliRunner().invoke(cli, ["export", str(root / "run"), "--format", "gguf", "--gguf-type", "q8_0",
                                       "--output", str(root / "cli" / "tiny.gguf")])
     assert result.exit_code == 0, result.output
     modelfile = (root / "cli" / "tiny.Modelfile").read_text()
-    assert modelfile.splitlines()[0] == "FROM ./tiny.gguf"
+    assert modelfile.splitlines()[:2] == [f"# edora fine-tune of {root / 'model'}, q8_0 weights, by qsvd "
+                                          f"{qsvd.__version__}", "FROM ./tiny.gguf"]
+    card = (root / "cli" / "tiny.md").read_text()  # the card beside them names the type too
+    assert "library_name: gguf\ntags:\n- qsvd\n- edora\n- gguf\n- q8_0\n" in card
+    assert "a GGUF file in q8_0" in card and f"qsvd chat {root / 'cli' / 'tiny.gguf'}" in card
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}' in modelfile
     assert [line for line in modelfile.splitlines() if line.startswith("PARAMETER stop")] == [
         'PARAMETER stop "<|im_start|>"', 'PARAMETER stop "<|im_end|>"']
@@ -251,10 +325,14 @@ def test_modelfile_and_cli(run):
                                      str(root / "cli" / "tiny.gguf")])
     assert again.exit_code == 2 and "already exists" in again.output
     assert (root / "cli" / "tiny.gguf").read_bytes() == before
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as where the qsvd[llama-cpp] extra is not installed
     for args, message in [(["--output", str(root / "cli" / "tiny.bin")], "named *.gguf"),
-                          (["--gguf-type", "q4_k"], "Invalid value for '--gguf-type'")]:
+                          (["--gguf-type", "q4_k"], "Invalid value for '--gguf-type'"),
+                          (["--gguf-type", "q4_k_m"], "--gguf-type q4_k_m needs llama-cpp-python: pip install "
+                                                      "'qsvd[llama-cpp]' (it compiles llama.cpp")]:
         result = CliRunner().invoke(cli, ["export", str(root / "run"), "--format", "gguf", *args])
-        assert result.exit_code == 2 and message in result.output
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert not (root / "run-q4_k_m.gguf").exists()
 
 
 @pytest.mark.parametrize("run", ["qwen2"], indirect=True)
@@ -276,8 +354,8 @@ def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(run, monkeyp
     monkeypatch.setattr(gguf.quants, "quantize", fail_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         qsvd.export(root / "run", path, format="gguf", gguf_type="q8_0", overwrite=True)
-    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["tiny.Modelfile",
-                                                                                            "tiny.gguf"]
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [
+        "tiny.Modelfile", "tiny.gguf", "tiny.md"]
 
 
 @pytest.mark.parametrize("config, message", [

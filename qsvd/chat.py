@@ -22,9 +22,7 @@ from .console import console
 from .data import render_prompt, tokenize_prompt
 from .errors import QSVDError, first_line
 from .export_gguf import llama_cpp
-from .load import load_tokenizer, resolve_model
-from .run_dir import is_run, load_run, read_run
-from .split import quantized_model
+from .run_dir import load_run_or_model
 
 COMMANDS = {"/reset": "start a new conversation", "/exit": "leave (or Ctrl-D)"}
 
@@ -136,23 +134,16 @@ class GGUFChat:
 def open_chat(target: str | Path, bits: int | None = None, revision: str | None = None) -> ModelChat | GGUFChat:
     """What `target` names: a run directory, a .gguf file (llama.cpp) or a plain model stored at `bits`."""
     target = Path(target)
-    if is_run(target):
-        if bits is not None or revision is not None:
-            raise QSVDError(f"{target} is a trained run: it keeps the base model and bits it was trained with; "
-                            f"drop --bits and --revision")
-        run = read_run(target)
-        model, tokenizer = load_run(run)
-        return ModelChat(model, tokenizer, f"{target} ({run.spec.method} on a {run.record['config']['bits']}-bit base, "
-                                           f"{model.device}, {str(run.compute_dtype).removeprefix('torch.')})")
     if target.suffix == ".gguf" and target.is_file():
         if bits is not None or revision is not None:
             raise QSVDError(f"{target} is a GGUF file: llama.cpp runs it with its own weight types; drop --bits "
                             f"and --revision")
         return GGUFChat(target)
-    files = resolve_model(str(target), revision)
-    tokenizer = load_tokenizer(files)
-    model = quantized_model(files, bits or 16, progress=False)
-    return ModelChat(model, tokenizer, f"{target} ({bits or 16}-bit, {model.device})")
+    model, tokenizer, run = load_run_or_model(target, bits, revision, progress=False)
+    if run is None:
+        return ModelChat(model, tokenizer, f"{target} ({bits or 16}-bit, {model.device})")
+    return ModelChat(model, tokenizer, f"{target} ({run.spec.method} on a {run.record['config']['bits']}-bit base, "
+                                       f"{model.device}, {str(run.compute_dtype).removeprefix('torch.')})")
 
 
 def reply(chat, messages: list[dict], sampling: Sampling, out) -> str:

@@ -38,11 +38,9 @@ from .data import (IGNORE_INDEX, Shape, TrainingRows, collator, detect_shape, ma
                    tokenize_prompt, tokenize_rows)
 from .errors import QSVDError
 from .files import publish
-from .load import load_tokenizer, resolve_model
 from .loss import row_log_likelihoods
 from .objectives import PerToken, adapter_swapped, pairs_log_likelihoods, run_objective
-from .run_dir import is_run, load_run, read_run
-from .split import quantized_model
+from .run_dir import load_run_or_model
 
 BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED = 2000, 0
 NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -406,19 +404,11 @@ def evaluate(target: str | Path, data: str | Path, task: str | None = None, pred
         rows = rows.select(range(min(max_examples, len(rows))))
     task = pick_task(rows, task, f"--data {data}")
     target = Path(target)
-    if is_run(target):
-        if bits is not None:
-            raise QSVDError(f"{target} is a trained run: its frozen base keeps the bits it was trained with; drop --bits")
-        if revision is not None:
-            raise QSVDError(f"{target} is a trained run: it keeps the base model it was trained on; drop --revision")
-        run = read_run(target)
-        model, tokenizer = load_run(run)
+    model, tokenizer, run = load_run_or_model(target, bits, revision)
+    if run is not None:
         objective, reference_adapter = run_objective(run.record["config"]), run.reference_adapter
         default_predictions = target / f"eval-{Path(data).stem}-{task}.jsonl"
     else:
-        files = resolve_model(str(target), revision)
-        tokenizer = load_tokenizer(files)  # checked before any weight is read
-        model = quantized_model(files, bits or 16)
         objective, reference_adapter = PerToken(), None
         default_predictions = Path(f"eval-{target.stem}-{Path(data).stem}-{task}.jsonl")
     result = evaluate_model(model, tokenizer, rows, task, predictions or default_predictions, batch_size,

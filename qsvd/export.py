@@ -318,6 +318,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
         vocabulary = read_vocabulary(files, tokenizer, model.config.vocab_size)
     updates = lora_updates(run, model)
     card_text = card(run, files, updates, format, base, gguf_type if format == "gguf" else dtype, output)
+    title = f"{run.spec.method} fine-tune of {run.model}"  # the GGUF's general.name and the Modelfile's first line
 
     def write(tmp: Path) -> None:
         if format == "peft":
@@ -328,7 +329,7 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
 
     def write_gguf_file(tmp: Path) -> None:
         """The GGUF; a k-quant is made by llama.cpp from an f16 file written first."""
-        name, names = f"{run.spec.method} fine-tune of {run.model}", checkpoint_names(model)
+        name, names = title, checkpoint_names(model)
         read_merged = merged_reader(run, files, model, updates, base)
         if gguf_type in GGUF_TYPES:
             return write_gguf(tmp, model, architecture, vocabulary, files, names, read_merged, gguf_type, name)
@@ -343,8 +344,8 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
         if format == "gguf":  # the file, then its Modelfile and card beside it, each in one rename
             publish(output, write_gguf_file, directory=False)
             modelfile_path, card_path = gguf_companions(output)
-            text = modelfile(output, f"{run.spec.method} fine-tune of {run.model}, {gguf_type} weights, by qsvd "
-                                     f"{__version__}", tokenizer.chat_template, tokenizer.eos_token)
+            text = modelfile(output, f"{title}, {gguf_type} weights, by qsvd {__version__}", tokenizer.chat_template,
+                             tokenizer.eos_token)
             publish(modelfile_path, lambda tmp: tmp.write_text(text), directory=False)
             publish(card_path, lambda tmp: tmp.write_text(card_text), directory=False)
         else:

@@ -26,7 +26,7 @@ from .errors import QSVDError
 from .files import file_sha256, seal_problem
 from .load import ModelFiles, empty_model, load_tokenizer, resolve_model
 from .methods import METHODS, AdapterSpec
-from .split import adapter_state, layer_state, restore
+from .split import adapter_state, layer_state, quantized_model, restore
 from .version import __version__
 from .weights import open_weights
 
@@ -219,3 +219,18 @@ def load_run(run_dir: "str | Path | Run", device=None):
     model = restore(model, run.spec, run.targets, run.tensors, device=device,
                     weights=open_weights(files, model), progress=False)
     return model, load_tokenizer(files, run.trust_remote_code)
+
+
+def load_run_or_model(target: Path, bits: int | None, revision: str | None, progress: bool = True):
+    """(model, tokenizer, run): a run directory as it trained (run is its Run), or a plain model (alias,
+    hub id, HF directory or GGUF) stored at `bits`, default 16 (run is None)."""
+    if is_run(target):
+        if bits is not None:
+            raise QSVDError(f"{target} is a trained run: its frozen base keeps the bits it was trained with; drop --bits")
+        if revision is not None:
+            raise QSVDError(f"{target} is a trained run: it keeps the base model it was trained on; drop --revision")
+        run = read_run(target)
+        return (*load_run(run), run)
+    files = resolve_model(str(target), revision)
+    tokenizer = load_tokenizer(files)  # checked before any weight is read
+    return quantized_model(files, bits or 16, progress=progress), tokenizer, None

@@ -209,7 +209,7 @@ def test_qsvd_chat_runs_the_gguf_through_llama_cpp(run):
                                            add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        out = load(root, path.name).generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+        out = load(path.parent, path.name).generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert answer == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
@@ -221,7 +221,7 @@ def wide_run(tmp_path_factory):
                                 max_steps=1, lr=5e-2, batch_size=4)
 
 
-# what llama.cpp's quantizer makes of attn_q and of block 0's ffn_down (use_more_bits: a k-quant mix's q6_k)
+# llama.cpp's k-quant mixes: (most tensors, the ffn_down of the blocks use_more_bits picks: of 2, the last)
 K_QUANT_TYPES = {"q6_k": ("Q6_K", "Q6_K"), "q5_k_m": ("Q5_K", "Q6_K"), "q4_k_m": ("Q4_K", "Q6_K")}
 
 
@@ -235,8 +235,9 @@ def test_llama_cpp_runs_every_type_as_transformers_does(wide_run, gguf_type):
     root, run_dir = wide_run
     path = qsvd.export(run_dir, root / f"wide-{gguf_type}.gguf", format="gguf", gguf_type=gguf_type, overwrite=True)
     types = {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(path).tensors}
-    expected_types = K_QUANT_TYPES.get(gguf_type, (gguf_type.upper(),) * 2)
-    assert (types["blk.0.attn_q.weight"], types["blk.0.ffn_down.weight"]) == expected_types
+    most, more = K_QUANT_TYPES.get(gguf_type, (gguf_type.upper(),) * 2)
+    assert [types[f"blk.{i}.{name}.weight"] for i, name in ((0, "attn_q"), (0, "ffn_down"), (1, "ffn_down"))] \
+        == [most, most, more]
     model, tokenizer = load(root, path.name), AutoTokenizer.from_pretrained(root / "model")
     prompt = tokenizer(STRINGS[0])["input_ids"]
     with torch.no_grad():

@@ -15,7 +15,11 @@ stores those rows in its fallback types, q5_0, q5_1 and q8_0, so SmolLM2's k-qua
 than a 7B model's bits a weight suggest.) Where llama-cpp-python is installed, llama.cpp's greedy
 tokens are compared with transformers' on the f16 file. The last line printed is one JSON object.
 
-    python benchmarks/export_gguf.py [--types f16,q8_0,...] [--workdir DIR]
+The embedded SmolLM2 ships as a q4_1 GGUF: its weights lie on q4_1's grid (its embedding on q8_0's),
+so --gguf-type q4_1 re-quantizes them almost exactly and the other types' figures include moving
+them onto another grid. For figures from a model stored in 16 bits, pass --model DIR.
+
+    python benchmarks/export_gguf.py [--types f16,q8_0,...] [--model DIR] [--workdir DIR]
 """
 
 import argparse
@@ -98,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="where to keep the model, run and exports; default: a temp dir")
     parser.add_argument("--types", help="comma-separated --gguf-type values (default: every one this machine makes)")
+    parser.add_argument("--model", help="a model directory (safetensors) instead of the embedded SmolLM2")
     args = parser.parse_args()
     gguf_types = (args.types or default_types()).split(",")
 
@@ -105,13 +110,15 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     import qsvd
+    from qsvd.data import render_prompt, tokenize_prompt
     from qsvd.load import load_tokenizer, resolve_model
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         os.environ["QSVD_CACHE"] = str(work / "cache")
-        model_dir = work / "smollm2"
-        write_smollm2(model_dir)
+        model_dir = Path(args.model) if args.model else work / "smollm2"
+        if not args.model:
+            write_smollm2(model_dir)
         if not (work / "run").is_dir():
             qsvd.finetune(model=str(model_dir), method="edora", bits=4, rank=16, max_steps=2, batch_size=2,
                           seq_len=256, output=str(work / "run"))
@@ -131,13 +138,12 @@ def main() -> None:
             fidelity[gguf_type]["size_mb"] = path.stat().st_size / 2**20
             fidelity[gguf_type] |= {"bits": 8 * path.stat().st_size / weights, "7b_gb": llama_7b_gb(gguf_type)}
             if gguf_type == "f16":
-                agreement = llama_cpp_agreement(path, model, tokenizer(tokenizer.apply_chat_template(
-                    [{"role": "user", "content": "What is 12 + 30?"}], add_generation_prompt=True,
-                    tokenize=False))["input_ids"])
+                question = render_prompt([{"role": "user", "content": "What is 12 + 30?"}], tokenizer)
+                agreement = llama_cpp_agreement(path, model, tokenize_prompt(question, tokenizer))
             del model
 
     peer = figures["peft"]
-    print("\nSmolLM2-135M-Instruct, edora rank 16 (2 steps) merged into the original weights")
+    print(f"\n{args.model or 'SmolLM2-135M-Instruct'}, edora rank 16 (2 steps) merged into the original weights")
     print(f"{'path':<44}{'peak RSS MB':>12}{'seconds':>10}{'peak / peer':>13}")
     names = {"peft": "PEFT: load + merge_and_unload + save (bf16)", "1GB": "qsvd export --format merged (bf16)",
              **{f"gguf-{t}": f"qsvd export --format gguf --gguf-type {t}" for t in gguf_types}}

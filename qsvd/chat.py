@@ -20,7 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 from .config import check_positive
 from .console import console
 from .data import render_prompt, tokenize_prompt
-from .errors import QSVDError, first_line
+from .errors import QSVDError, first_line, handle_signal
 from .export_gguf import llama_cpp
 from .run_dir import load_run_or_model
 
@@ -51,7 +51,7 @@ class StopOnCtrlC(StoppingCriteria):
 
     def __enter__(self):
         self.pressed = False
-        self.previous = signal.signal(signal.SIGINT, self.press)
+        self.previous = handle_signal(signal.SIGINT, self.press)
         return self
 
     def __exit__(self, *exc):

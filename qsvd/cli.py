@@ -14,7 +14,7 @@ from .chat import chat as run_chat
 from .data import EVAL_TASKS
 from .devices import COMPUTE_DTYPES, DTYPES
 from .distributed import launched, relaunch, without_option
-from .errors import Interrupted, QSVDError, first_line, is_disk_full, raise_interrupted
+from .errors import Interrupted, QSVDError, first_line, handle_signal, is_disk_full, raise_interrupted
 from .evaluate import evaluate as run_evaluate
 from .export import BASES, FORMATS
 from .export import export as run_export
@@ -270,5 +270,5 @@ def user_errors(ctx: click.Context):
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, raise_interrupted)  # as Ctrl-C: through every `finally`, then one line
+    handle_signal(signal.SIGTERM, raise_interrupted)  # as Ctrl-C: through every `finally`, then one line
     cli(prog_name="qsvd")

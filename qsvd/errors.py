@@ -1,6 +1,6 @@
 """The one exception type a user sees as a one-line message instead of a traceback, the clause
 that quotes a library's error in one, and the turning of running out of memory into one; what a
-full disk looks like."""
+full disk looks like; how qsvd takes a signal."""
 
 import errno
 import os
@@ -68,3 +68,13 @@ class Interrupted(BaseException):
 def raise_interrupted(signum: int, frame=None) -> None:
     """A signal handler: stop where the program is, through every `finally` (temporaries are removed)."""
     raise Interrupted(signum)
+
+
+def handle_signal(signum: int, handler):
+    """`handler` for `signum`, unless the process was started with it ignored (a job a script put in
+    the background ignores Ctrl-C; `nohup`), which it stays, as Python leaves an ignored SIGINT.
+    Returns the handler before, to restore."""
+    previous = signal.getsignal(signum)
+    if previous is not signal.SIG_IGN:
+        signal.signal(signum, handler)
+    return previous

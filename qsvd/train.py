@@ -29,7 +29,7 @@ from .batching import (Batching, LengthGroupedSampler, attend_rows_alone, batch_
                        training_examples)
 from .checkpoints import SealCheckpoints
 from .config import FinetuneConfig
-from .errors import Interrupted, raise_interrupted
+from .errors import Interrupted, handle_signal, raise_interrupted
 from .loss import supervised_loss
 from .objectives import batch_loss
 from .memory import peak_memory_mb, reset_peak_memory, return_freed_memory
@@ -183,7 +183,7 @@ class StopOnSignal(TrainerCallback):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {signum: signal.signal(signum, self.catch) for signum in (signal.SIGINT, signal.SIGTERM)}
+        previous = {signum: handle_signal(signum, self.catch) for signum in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
         finally:

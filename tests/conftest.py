@@ -1,6 +1,7 @@
 """Tiny random Llama models and a character tokenizer, built here: no hub, no downloads."""
 
 import json
+import signal
 import string
 import subprocess
 import sys
@@ -20,6 +21,12 @@ def last_json_line(args, tmp_path):
     result = subprocess.run([sys.executable, *map(str, args), "--workdir", tmp_path], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def pytest_configure(config):
+    """The tests run as from a terminal, however pytest was started: a script's background job starts
+    with SIGINT ignored, which this process and the ones it starts would keep (qsvd as Python does)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser):

@@ -101,6 +101,17 @@ def test_a_signal_mid_checkpoint_lets_the_checkpoint_finish(tiny_model_dir, tmp_
     resume_with_the_printed_command(line, output, uninterrupted)
 
 
+def test_a_process_started_with_sigint_ignored_keeps_ignoring_it(tiny_model_dir, tmp_path, uninterrupted):
+    """A job a script put in the background ignores Ctrl-C: a SIGINT mid-checkpoint neither stops the
+    run nor its checkpoint, and it ends as an uninterrupted run does."""
+    env = self_signal(tmp_path / "spy", "qsvd.checkpoints", "seal", signal.SIGINT, at_call=1)
+    output = tmp_path / "run"
+    result = subprocess.run(QSVD + run_args(tiny_model_dir, output), capture_output=True, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert result.returncode == 0 and "interrupted" not in result.stderr, result.stderr[-3000:]
+    assert (output / "adapter.safetensors").read_bytes() == uninterrupted
+
+
 @pytest.mark.parametrize("signum", SIGNALS)
 def test_a_signal_mid_split_leaves_nothing_half_written(signum, tiny_model_dir, tmp_path, isolated_cache):
     """The third layer's split is under way: no run, no work dir, no prepared model or temporary

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import gguf
 import torch
 from jinja2 import TemplateError
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
@@ -107,6 +108,11 @@ class GGUFChat:
     """A GGUF file run by llama.cpp, with the chat template the file carries."""
 
     def __init__(self, path: Path):
+        try:  # gguf's reader first: it says what is wrong with a cut or foreign file, llama.cpp does not
+            gguf.GGUFReader(path)
+        except Exception as error:  # ValueError, IndexError or struct.error, as the file ends
+            raise QSVDError(f"{path} cannot be read as a GGUF file: {first_line(error)}; is it whole, as "
+                            f"exported?") from None
         Llama = llama_cpp(f"chatting with {path.name}").Llama
         try:
             self.llama = Llama(model_path=str(path), n_ctx=0, verbose=False)  # n_ctx 0: the model's own

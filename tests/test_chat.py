@@ -18,6 +18,7 @@ from qsvd.load import load_tokenizer, resolve_model
 from qsvd.split import quantized_model
 
 from conftest import char_tokenizer, tiny_model
+from gguf_files import write_gguf
 
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
@@ -132,8 +133,7 @@ def test_bad_options_are_one_line(chat_model_dir, args, message):
 def test_a_missing_model_or_gguf_runtime_is_one_line(tmp_path, monkeypatch):
     result = chat_cli(tmp_path / "nothing-here", "--prompt", "hi")
     assert result.exit_code == 2 and "error:" in result.output
-    gguf = tmp_path / "model.gguf"
-    gguf.write_bytes(b"GGUF")
+    gguf = write_gguf(tiny_model(), tmp_path / "model.gguf")
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if not installed
     result = chat_cli(gguf, "--prompt", "hi")
     assert result.exit_code == 2 and result.output.startswith(
@@ -141,6 +141,19 @@ def test_a_missing_model_or_gguf_runtime_is_one_line(tmp_path, monkeypatch):
     assert result.output.count("\n") == 1
     result = chat_cli(gguf, "--bits", "4")
     assert result.exit_code == 2 and "drop --bits" in result.output
+
+
+@pytest.mark.parametrize("damage", ["empty", "text", "cut in the header", "cut in the weights"])
+def test_a_damaged_gguf_is_one_line_before_llama_cpp_is_needed(tmp_path, monkeypatch, damage):
+    whole = write_gguf(tiny_model(), tmp_path / "whole.gguf").read_bytes()
+    damaged = {"empty": b"", "text": b"hello\n", "cut in the header": whole[:300],
+               "cut in the weights": whole[:len(whole) - 100]}[damage]
+    path = tmp_path / "model.gguf"
+    path.write_bytes(damaged)
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # not needed to tell
+    result = chat_cli(path, "--prompt", "hi")
+    assert result.exit_code == 2 and result.output.startswith(f"error: {path} cannot be read as a GGUF file: ")
+    assert result.output.endswith("is it whole, as exported?\n") and result.output.count("\n") == 1
 
 
 def test_a_run_whose_base_changed_is_refused(chat_model_dir, tmp_path):

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import gguf
 import torch
 from jinja2 import TemplateError
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
@@ -24,6 +23,7 @@ from .data import render_prompt, tokenize_prompt
 from .errors import QSVDError, first_line, handle_signal
 from .export_gguf import llama_cpp
 from .run_dir import load_run_or_model
+from .weights import read_gguf
 
 COMMANDS = {"/reset": "start a new conversation", "/exit": "leave (or Ctrl-D)"}
 
@@ -108,11 +108,7 @@ class GGUFChat:
     """A GGUF file run by llama.cpp, with the chat template the file carries."""
 
     def __init__(self, path: Path):
-        try:  # gguf's reader first: it says what is wrong with a cut or foreign file, llama.cpp does not
-            gguf.GGUFReader(path)
-        except Exception as error:  # ValueError, IndexError or struct.error, as the file ends
-            raise QSVDError(f"{path} cannot be read as a GGUF file: {first_line(error)}; is it whole, as "
-                            f"exported?") from None
+        read_gguf(path)  # first: it says what is wrong with a cut or foreign file, llama.cpp does not
         Llama = llama_cpp(f"chatting with {path.name}").Llama
         try:
             self.llama = Llama(model_path=str(path), n_ctx=0, verbose=False)  # n_ctx 0: the model's own

@@ -329,13 +329,12 @@ def export(run_dir: str | Path, output: str | Path | None = None, format: str = 
 
     def write_gguf_file(tmp: Path) -> None:
         """The GGUF; a k-quant is made by llama.cpp from an f16 file written first."""
-        name, names = title, checkpoint_names(model)
-        read_merged = merged_reader(run, files, model, updates, base)
+        names, read_merged = checkpoint_names(model), merged_reader(run, files, model, updates, base)
         if gguf_type in GGUF_TYPES:
-            return write_gguf(tmp, model, architecture, vocabulary, files, names, read_merged, gguf_type, name)
+            return write_gguf(tmp, model, architecture, vocabulary, files, names, read_merged, gguf_type, title)
         f16 = output.with_name(f".{output.name}.f16{temp_suffix()}")
         try:
-            write_gguf(f16, model, architecture, vocabulary, files, names, read_merged, "f16", name)
+            write_gguf(f16, model, architecture, vocabulary, files, names, read_merged, "f16", title)
             llama_quantize(f16, tmp, gguf_type)
         finally:
             remove(f16)

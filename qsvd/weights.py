@@ -88,21 +88,28 @@ def _open_shard(shard: Path):
                         f"download or convert it again") from None
 
 
+def read_gguf(path: Path):
+    """gguf's reader on `path` (its header and tensor table; the data stays on disk), or one line."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except Exception as error:  # a cut or corrupt file fails in numpy's memory map, struct, …
+        raise QSVDError(f"{path} is not a readable GGUF file: {first_line(error)}; is it whole, as downloaded "
+                        f"or exported?") from None
+
+
 class GGUFWeights:
     """Tensors by HF name from a GGUF file, each dequantized to float32 as it is read."""
 
     def __init__(self, gguf: Path, model: PreTrainedModel):
-        from gguf import GGUFReader
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                               get_gguf_hf_weights_map)
 
         config = model.config.to_dict()
         self.processor = TENSOR_PROCESSORS.get(model.config.model_type, TensorProcessor)(config=config)
-        try:
-            hf_name = get_gguf_hf_weights_map(model, self.processor)
-            self.tensors = {hf_name[t.name]: t for t in GGUFReader(gguf).tensors if t.name in hf_name}
-        except Exception as error:  # a truncated or corrupt file fails in numpy's memory map, struct, …
-            raise QSVDError(f"{gguf} is not a readable GGUF file: {first_line(error)}") from None
+        hf_name = get_gguf_hf_weights_map(model, self.processor)
+        self.tensors = {hf_name[t.name]: t for t in read_gguf(gguf).tensors if t.name in hf_name}
         self.path = gguf
 
     def __contains__(self, name: str) -> bool:

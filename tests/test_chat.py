@@ -152,8 +152,8 @@ def test_a_damaged_gguf_is_one_line_before_llama_cpp_is_needed(tmp_path, monkeyp
     path.write_bytes(damaged)
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # not needed to tell
     result = chat_cli(path, "--prompt", "hi")
-    assert result.exit_code == 2 and result.output.startswith(f"error: {path} cannot be read as a GGUF file: ")
-    assert result.output.endswith("is it whole, as exported?\n") and result.output.count("\n") == 1
+    assert result.exit_code == 2 and result.output.startswith(f"error: {path} is not a readable GGUF file: ")
+    assert result.output.endswith("is it whole, as downloaded or exported?\n") and result.output.count("\n") == 1
 
 
 def test_a_run_whose_base_changed_is_refused(chat_model_dir, tmp_path):
